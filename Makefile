@@ -1,0 +1,36 @@
+# Two commands are the whole set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/local.yaml
+ARGS   ?=
+
+.PHONY: run test venv constraints benchmarks clean
+
+# The venv is rebuilt when the constraints or the package metadata change.
+$(STAMP): constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/cafe run --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+benchmarks: $(STAMP)
+	$(PY) benchmarks/convert.py
+
+# Re-resolve exact versions after changing dependencies (then commit constraints.txt).
+constraints:
+	rm -rf /tmp/cafe-constraints && $(PYTHON) -m venv /tmp/cafe-constraints
+	/tmp/cafe-constraints/bin/pip install --quiet torch==2.13.0 -e '.[test]'
+	( head -2 constraints.txt; /tmp/cafe-constraints/bin/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/' ) > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache

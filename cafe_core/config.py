@@ -1,0 +1,289 @@
+"""Typed configuration for every stage, loaded from YAML with dotted command-line overrides.
+
+    cafe convert --config configs/local.yaml data.max_samples=500 data.sources.0.name=shapes
+
+Unknown keys are rejected (``extra="forbid"``); errors name the key, what was given and what is allowed.
+String values may use ``{root}`` and ``{run_id}``; they are filled in after overrides are applied, so one
+override of ``root`` moves every output.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says which key and how."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- storage -----------------------------------------------------------------------------------------
+
+
+class S3Config(Strict):
+    """S3 access. Endpoint, region and credentials otherwise come from boto3's standard settings
+    (AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws/config, instance roles, ...)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    # auto: start the embedded SeaweedFS when no endpoint is configured anywhere.
+    # always: always use the embedded server. never: use boto3's settings as they are (AWS itself).
+    embedded: Literal["auto", "always", "never"] = "auto"
+    embedded_dir: str = ".cafe/s3"
+    multipart_threshold_mb: int = Field(16, ge=5)
+    multipart_chunk_mb: int = Field(16, ge=5)
+    max_attempts: int = Field(6, ge=1, le=20)
+
+
+# --- synthetic data ----------------------------------------------------------------------------------
+
+
+class SynthConfig(Strict):
+    output: str = "{root}/datasets/shapes"
+    seed: int = 0
+    image_size: int = Field(64, ge=16, le=1024)
+    train_size: int = Field(2000, ge=1)
+    train_shard_rows: int = Field(500, ge=1)
+    # Fraction of training rows deliberately broken (corrupt image, empty caption, duplicate, ...) so the
+    # conversion's reject accounting is exercised on every run. 0 disables.
+    bad_fraction: float = Field(0.02, ge=0.0, le=0.5)
+    retrieval_images: int = Field(100, ge=1)
+    captions_per_image: int = Field(5, ge=1)
+    pope_images: int = Field(50, ge=1)
+    pope_questions_per_image: int = Field(3, ge=1, le=3)
+    mmeb_rows_per_dataset: int = Field(40, ge=1)
+    mmeb_candidates: int = Field(8, ge=2)
+    mc_questions: int = Field(100, ge=1)
+    caption_images: int = Field(50, ge=1)
+
+
+# --- conversion --------------------------------------------------------------------------------------
+
+
+class SourceConfig(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._()-]*$")
+    # onevision_parquet: a folder or S3 prefix of LLaVA-OneVision-Data parquet shards.
+    # llava_next: a LLaVA-NeXT JSON/JSONL list or a dataset YAML (json_path + sampling_strategy).
+    format: Literal["onevision_parquet", "llava_next"]
+    uri: str
+    image_folder: str | None = None  # llava_next only; defaults to the JSON file's folder
+
+    @model_validator(mode="after")
+    def _image_folder_only_for_llava_next(self) -> "SourceConfig":
+        if self.image_folder is not None and self.format != "llava_next":
+            raise ValueError("image_folder is only used with format 'llava_next'")
+        return self
+
+
+class DataConfig(Strict):
+    """`cafe convert`: raw training data -> image-text pairs."""
+
+    sources: list[SourceConfig] = Field(min_length=1)
+    output: str = "{root}/runs/{run_id}/convert"
+    caption_rule: Literal["joined", "first"] = "joined"
+    max_samples: int | None = Field(None, ge=1)  # per run, across sources, counted on input records
+    max_caption_chars: int = Field(8000, ge=1)
+    max_id_chars: int = Field(256, ge=1, le=1024)
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    min_image_side: int = Field(1, ge=1)
+    max_reject_rate: float = Field(0.05, ge=0.0, le=1.0)
+    shard_rows: int = Field(1000, ge=1)
+    workers: int = Field(2, ge=0)  # 0 = in-process
+    chunk_records: int = Field(64, ge=1)
+    seed: int = 0  # for random:N sampling
+
+
+# --- validation --------------------------------------------------------------------------------------
+
+
+class Bounds(Strict):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Bounds":
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+Severity = Literal["hard", "soft"]
+
+
+class ValidateConfig(Strict):
+    """`cafe validate`: great-expectations checks of a converted dataset."""
+
+    input: str = "{root}/runs/{run_id}/convert"
+    output: str = "{root}/runs/{run_id}/validate"
+    caption_chars: Bounds = Bounds(min=1, max=8000)
+    image_width: Bounds = Bounds(min=1, max=16384)
+    image_height: Bounds = Bounds(min=1, max=16384)
+    max_duplicate_rate: float = Field(0.05, ge=0, le=1)
+    max_reject_rate: float = Field(0.05, ge=0, le=1)
+    # Expected share of each source in the accepted pairs, e.g. {shapes: {min: 0.9, max: 1.0}}.
+    source_mix: dict[str, Bounds] = Field(default_factory=dict)
+    min_rows: int = Field(1, ge=0)
+    # Which checks fail the stage (hard) and which only warn (soft).
+    severity: dict[
+        Literal[
+            "unique_ids",
+            "caption_length",
+            "image_size",
+            "images_decode",
+            "duplicate_rate",
+            "reject_rate",
+            "source_mix",
+            "row_count",
+        ],
+        Severity,
+    ] = Field(default_factory=dict)
+
+    def severity_of(self, check: str) -> Severity:
+        return self.severity.get(check, "soft" if check == "source_mix" else "hard")  # type: ignore[arg-type]
+
+
+# --- root --------------------------------------------------------------------------------------------
+
+
+class CafeConfig(Strict):
+    root: str = "s3://cafe"
+    run_id: str = Field("auto", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    s3: S3Config = S3Config()
+    synth: SynthConfig = SynthConfig()
+    data: DataConfig | None = None
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("root")
+    @classmethod
+    def _root_has_no_trailing_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    def require_data(self) -> DataConfig:
+        if self.data is None:
+            raise ConfigError("config has no 'data' section: add data.sources (see configs/local.yaml)")
+        return self.data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+    def digest(self) -> str:
+        """Stable hash of the resolved config (for decision records and cache keys)."""
+        blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.0.c=value` -> (["a", "b", "0", "c"], parsed value). Values are read as YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value (e.g. data.max_samples=500)")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    return key.split("."), value
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, where)]
+        else:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            node = nxt
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {'.'.join(path)}: {where} is a value, not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, ".".join(path))] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {where}: {part!r} is not an index of a list with {len(node)} items")
+    return int(part)
+
+
+def _fill_placeholders(tree: Any, values: dict[str, str]) -> Any:
+    if isinstance(tree, str):
+        for k, v in values.items():
+            tree = tree.replace("{" + k + "}", v)
+        return tree
+    if isinstance(tree, dict):
+        return {k: _fill_placeholders(v, values) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_fill_placeholders(v, values) for v in tree]
+    return tree
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = key.replace("validate_", "validate")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"- {key}: unknown key (check the spelling; see configs/local.yaml for the keys)")
+            continue
+        allowed = ""
+        ctx = e.get("ctx") or {}
+        if "expected" in ctx:
+            allowed = f"; allowed: {ctx['expected']}"
+        given = e.get("input")
+        given_s = "" if isinstance(given, (dict, list)) else f" (given: {given!r})"
+        lines.append(f"- {key}: {e['msg']}{given_s}{allowed}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CafeConfig:
+    """Read YAML (or start from defaults), apply overrides, fill placeholders, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (pass --config with a YAML file)")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, not {type(tree).__name__}")
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+    run_id = tree.get("run_id", "auto")
+    if run_id in (None, "auto"):
+        tree["run_id"] = run_id = new_run_id()
+    root = str(tree.get("root", CafeConfig.model_fields["root"].default)).rstrip("/")
+    # Defaults with placeholders must be filled too: validate once, dump, fill, validate again.
+    try:
+        first = CafeConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+    dumped = first.model_dump(mode="json", by_alias=True)
+    filled = _fill_placeholders(dumped, {"root": root, "run_id": str(run_id)})
+    return CafeConfig.model_validate(filled)

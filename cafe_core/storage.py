@@ -1,0 +1,483 @@
+"""Read and write local paths and ``s3://bucket/key`` URIs alike, and commit stage outputs atomically.
+
+Commit protocol: a stage writes its parts under a prefix, then writes ``_MANIFEST.json`` (every object with
+size and sha256) as the single commit point. A reader refuses a prefix without a manifest and reads only the
+objects the manifest lists, so it never sees a half-written output. Rewriting a prefix first removes the old
+manifest (the output reads as uncommitted until the new one lands), and objects of the old output that the
+new manifest does not list are deleted after the commit.
+
+Endpoint, region and credentials come from boto3's standard settings; nothing here logs or stores them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import unicodedata
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import ClientError
+from pydantic import BaseModel
+
+MANIFEST = "_MANIFEST.json"
+_HASH_CHUNK = 1 << 20
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+class NotCommittedError(StorageError):
+    """The output has no manifest: the stage that writes it never finished."""
+
+
+class ChecksumError(StorageError):
+    pass
+
+
+# --- names and URIs ----------------------------------------------------------------------------------
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    if not is_s3(uri):
+        raise StorageError(f"{uri!r} is not an s3:// URI")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} has no bucket (expected s3://bucket/key)")
+    return bucket, key
+
+
+def check_relative(name: str) -> str:
+    """A relative object name inside an output: forward slashes, no '..', not absolute, printable."""
+    if not name or name.startswith("/") or "\\" in name or "\x00" in name:
+        raise StorageError(f"object name {name!r} must be a non-empty relative path with '/' separators")
+    parts = PurePosixPath(name).parts
+    if any(p in ("..", ".") for p in parts) or any(not p.isprintable() for p in parts):
+        raise StorageError(f"object name {name!r} may not contain '.', '..' or unprintable parts")
+    return name
+
+
+def safe_name(text: str, max_len: int = 80) -> str:
+    """Turn any id (hostile ones too) into one safe key component: [A-Za-z0-9._-], no leading dot, bounded
+    length. When anything had to change, a short hash of the original keeps distinct ids distinct."""
+    norm = unicodedata.normalize("NFKC", str(text))
+    cleaned = "".join(c if (c.isascii() and (c.isalnum() or c in "._-")) else "_" for c in norm)
+    cleaned = cleaned.strip("._-") or "id"
+    if cleaned == text and len(cleaned) <= max_len:
+        return cleaned
+    digest = hashlib.sha256(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{cleaned[: max_len - 13]}-{digest}"
+
+
+def join(base: str, *names: str) -> str:
+    """Join relative names onto a local path or URI; names are checked, never allowed to escape base."""
+    out = base.rstrip("/")
+    for name in names:
+        out = f"{out}/{check_relative(name)}"
+    return out
+
+
+def relative_to(uri: str, base: str) -> str:
+    base = base.rstrip("/") + "/"
+    if not uri.startswith(base):
+        raise StorageError(f"{uri!r} is not under {base!r}")
+    return uri[len(base) :]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- the store ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    uri: str
+    size: int
+
+
+class Storage:
+    """One interface over local files and S3. ``endpoint_url=None`` leaves the endpoint to boto3."""
+
+    def __init__(
+        self,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        max_attempts: int = 6,
+        multipart_threshold_mb: int = 16,
+        multipart_chunk_mb: int = 16,
+        credentials: dict[str, str] | None = None,
+    ):
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self._max_attempts = max_attempts
+        self._credentials = credentials or {}
+        self._transfer = TransferConfig(
+            multipart_threshold=multipart_threshold_mb << 20, multipart_chunksize=multipart_chunk_mb << 20
+        )
+        self._client = None
+        self._known_buckets: set[str] = set()
+
+    @classmethod
+    def from_config(cls, s3cfg: Any, endpoint_url: str | None = None, credentials: dict | None = None) -> "Storage":
+        return cls(
+            endpoint_url=endpoint_url or s3cfg.endpoint_url,
+            region=s3cfg.region,
+            max_attempts=s3cfg.max_attempts,
+            multipart_threshold_mb=s3cfg.multipart_threshold_mb,
+            multipart_chunk_mb=s3cfg.multipart_chunk_mb,
+            credentials=credentials,
+        )
+
+    def __getstate__(self) -> dict:  # picklable for worker processes: the client is rebuilt there
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            # Transient errors (throttling, 5xx, connection resets) are retried with exponential backoff.
+            cfg = BotoConfig(
+                retries={"max_attempts": self._max_attempts, "mode": "standard"},
+                connect_timeout=10,
+                read_timeout=120,
+                s3={"addressing_style": "path"} if self.endpoint_url else None,
+            )
+            session = boto3.session.Session()
+            self._client = session.client(
+                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=cfg, **self._credentials
+            )
+        return self._client
+
+    # -- errors
+    def _fail(self, uri: str, op: str, err: Exception) -> StorageError:
+        if isinstance(err, ClientError):
+            code = err.response.get("Error", {}).get("Code", "?")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return StorageError(f"{uri} does not exist")
+            if code == "NoSuchBucket":
+                return StorageError(f"{uri}: bucket does not exist (create it, or check the URI)")
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StorageError(f"{uri}: access denied ({code}); check the S3 credentials in the environment")
+            return StorageError(f"{uri}: S3 {op} failed: {code}")
+        return StorageError(f"{uri}: {op} failed: {err}")
+
+    def ensure_bucket(self, uri: str) -> None:
+        bucket, _ = split_s3(uri)
+        if bucket in self._known_buckets:
+            return
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code not in ("404", "NoSuchBucket", "NotFound"):
+                raise self._fail(uri, "head_bucket", e) from None
+            try:
+                self.client.create_bucket(Bucket=bucket)
+            except ClientError as e2:
+                if e2.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise self._fail(uri, "create_bucket", e2) from None
+        self._known_buckets.add(bucket)
+
+    # -- reads
+    def read_bytes(self, uri: str) -> bytes:
+        if not is_s3(uri):
+            try:
+                return Path(uri).read_bytes()
+            except FileNotFoundError:
+                raise StorageError(f"{uri} does not exist") from None
+        bucket, key = split_s3(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            raise self._fail(uri, "get", e) from None
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode("utf-8")
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_bytes(uri))
+
+    def download(self, uri: str, local_path: str | Path) -> Path:
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        if not is_s3(uri):
+            if not Path(uri).is_file():
+                raise StorageError(f"{uri} does not exist")
+            shutil.copyfile(uri, local_path)
+            return local_path
+        bucket, key = split_s3(uri)
+        try:
+            self.client.download_file(bucket, key, str(local_path), Config=self._transfer)
+        except ClientError as e:
+            raise self._fail(uri, "download", e) from None
+        return local_path
+
+    @contextmanager
+    def local_copy(self, uri: str) -> Iterator[Path]:
+        """A local path holding the object: the file itself when local, a temporary download otherwise."""
+        if not is_s3(uri):
+            if not Path(uri).exists():
+                raise StorageError(f"{uri} does not exist")
+            yield Path(uri)
+            return
+        with tempfile.TemporaryDirectory(prefix="cafe-") as tmp:
+            yield self.download(uri, Path(tmp) / PurePosixPath(uri).name)
+
+    def sha256(self, uri: str) -> str:
+        """Streaming sha256 of an object (constant memory)."""
+        if not is_s3(uri):
+            return sha256_file(uri)
+        bucket, key = split_s3(uri)
+        h = hashlib.sha256()
+        try:
+            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+            for chunk in body.iter_chunks(_HASH_CHUNK):
+                h.update(chunk)
+        except ClientError as e:
+            raise self._fail(uri, "get", e) from None
+        return h.hexdigest()
+
+    def exists(self, uri: str) -> bool:
+        if not is_s3(uri):
+            return Path(uri).is_file()
+        bucket, key = split_s3(uri)
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+                return False
+            raise self._fail(uri, "head", e) from None
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object below a folder/prefix (recursive), sorted by URI."""
+        base = prefix.rstrip("/")
+        if not is_s3(prefix):
+            root = Path(base)
+            if root.is_file():
+                return [ObjectInfo(base, root.stat().st_size)]
+            if not root.is_dir():
+                return []
+            out = [ObjectInfo(str(p), p.stat().st_size) for p in root.rglob("*") if p.is_file()]
+            return sorted(out, key=lambda o: o.uri)
+        bucket, key = split_s3(base)
+        key_prefix = f"{key}/" if key else ""
+        out = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):
+                        out.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"]))
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                return []
+            raise self._fail(prefix, "list", e) from None
+        return sorted(out, key=lambda o: o.uri)
+
+    # -- writes (each object appears whole or not at all)
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        if not is_s3(uri):
+            _atomic_local_write(Path(uri), lambda f: f.write(data))
+            return
+        self.ensure_bucket(uri)
+        bucket, key = split_s3(uri)
+        try:
+            self.client.upload_fileobj(io.BytesIO(data), bucket, key, Config=self._transfer)
+        except ClientError as e:
+            raise self._fail(uri, "put", e) from None
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        self.write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+    def upload(self, local_path: str | Path, uri: str) -> None:
+        if not is_s3(uri):
+            dest = Path(uri)
+            if Path(local_path).resolve() == dest.resolve():
+                return
+            with open(local_path, "rb") as src:
+                _atomic_local_write(dest, lambda f: shutil.copyfileobj(src, f, _HASH_CHUNK))
+            return
+        self.ensure_bucket(uri)
+        bucket, key = split_s3(uri)
+        try:  # multipart above the threshold; S3 shows the object only once complete
+            self.client.upload_file(str(local_path), bucket, key, Config=self._transfer)
+        except ClientError as e:
+            raise self._fail(uri, "upload", e) from None
+
+    def delete(self, uri: str) -> None:
+        if not is_s3(uri):
+            Path(uri).unlink(missing_ok=True)
+            return
+        bucket, key = split_s3(uri)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            raise self._fail(uri, "delete", e) from None
+
+
+def _atomic_local_write(dest: Path, write) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- committed outputs -------------------------------------------------------------------------------
+
+
+class ManifestEntry(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    kind: str
+    created: str
+    entries: list[ManifestEntry]
+    meta: dict[str, Any] = {}
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def entry(self, name: str) -> ManifestEntry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise StorageError(f"{name!r} is not part of this output (manifest lists {len(self.entries)} objects)")
+
+
+class OutputWriter:
+    """Collects the parts of one stage output and commits them with a manifest.
+
+    with OutputWriter(store, "s3://cafe/runs/r1/convert", kind="pairs") as out:
+        out.put_file("pairs/part-00000.parquet", local)
+        out.put_json("stats.json", stats)
+        out.commit(meta={...})
+
+    Leaving the block without commit() (an exception, a kill) leaves the output uncommitted.
+    """
+
+    def __init__(self, store: Storage, prefix: str, kind: str):
+        self.store = store
+        self.prefix = prefix.rstrip("/")
+        self.kind = kind
+        self._entries: dict[str, ManifestEntry] = {}
+        self.committed: Manifest | None = None
+        # Un-commit an earlier output at this prefix before any part is overwritten.
+        self._previous = {o.uri for o in store.list(self.prefix)}
+        manifest_uri = join(self.prefix, MANIFEST)
+        if manifest_uri in self._previous:
+            store.delete(manifest_uri)
+
+    def __enter__(self) -> "OutputWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def uri(self, name: str) -> str:
+        return join(self.prefix, name)
+
+    def _record(self, name: str, size: int, digest: str) -> str:
+        if name == MANIFEST:
+            raise StorageError(f"{MANIFEST} is written by commit() only")
+        self._entries[name] = ManifestEntry(name=name, size=size, sha256=digest)
+        return self.uri(name)
+
+    def put_bytes(self, name: str, data: bytes) -> str:
+        uri = self.uri(name)
+        self.store.write_bytes(uri, data)
+        return self._record(name, len(data), sha256_bytes(data))
+
+    def put_text(self, name: str, text: str) -> str:
+        return self.put_bytes(name, text.encode("utf-8"))
+
+    def put_json(self, name: str, obj: Any) -> str:
+        return self.put_bytes(name, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+    def put_file(self, name: str, local_path: str | Path) -> str:
+        uri = self.uri(name)
+        self.store.upload(local_path, uri)
+        return self._record(name, Path(local_path).stat().st_size, sha256_file(local_path))
+
+    def commit(self, meta: dict[str, Any] | None = None) -> Manifest:
+        manifest = Manifest(
+            kind=self.kind,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            entries=sorted(self._entries.values(), key=lambda e: e.name),
+            meta=meta or {},
+        )
+        self.store.write_bytes(self.uri(MANIFEST), manifest.model_dump_json(indent=2).encode())
+        keep = {self.uri(n) for n in self._entries} | {self.uri(MANIFEST)}
+        for stale in sorted(self._previous - keep):
+            self.store.delete(stale)
+        self.committed = manifest
+        return manifest
+
+
+def read_manifest(store: Storage, prefix: str) -> Manifest:
+    uri = join(prefix.rstrip("/"), MANIFEST)
+    if not store.exists(uri):
+        raise NotCommittedError(
+            f"{prefix} is not a committed output (no {MANIFEST}): the stage writing it did not finish or "
+            "was interrupted; run it again"
+        )
+    try:
+        return Manifest.model_validate_json(store.read_bytes(uri))
+    except ValueError as e:
+        raise StorageError(f"{uri} is not a valid manifest: {e}") from None
+
+
+def verify_output(store: Storage, prefix: str, manifest: Manifest | None = None, checksums: bool = True) -> Manifest:
+    """Check every listed object exists with its size (and sha256). Raises ChecksumError naming each bad one."""
+    manifest = manifest or read_manifest(store, prefix)
+    sizes = {o.uri: o.size for o in store.list(prefix)}
+    problems = []
+    for e in manifest.entries:
+        uri = join(prefix, e.name)
+        if uri not in sizes:
+            problems.append(f"{e.name}: missing")
+        elif sizes[uri] != e.size:
+            problems.append(f"{e.name}: size {sizes[uri]} != {e.size} in manifest")
+        elif checksums and store.sha256(uri) != e.sha256:
+            problems.append(f"{e.name}: sha256 differs from manifest")
+    if problems:
+        raise ChecksumError(f"{prefix} does not match its manifest:\n  " + "\n  ".join(problems))
+    return manifest
