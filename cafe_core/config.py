@@ -10,6 +10,7 @@ override of ``root`` moves every output.
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -241,21 +242,43 @@ def new_run_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The config model that a validation error's location points into (for listing its keys)."""
+    model: Any = CafeConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        if part not in fields:
+            return model
+        model = _first_model(fields[part].annotation)
+    return model
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _first_model(arg)
+        if found:
+            return found
+    return None
+
+
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        key = key.replace("validate_", "validate")
         if e["type"] == "extra_forbidden":
-            lines.append(f"- {key}: unknown key (check the spelling; see configs/local.yaml for the keys)")
+            model = _model_at(e["loc"][:-1])
+            keys = sorted(f.alias or n for n, f in model.model_fields.items()) if model else []
+            close = difflib.get_close_matches(str(e["loc"][-1]), keys, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            lines.append(f"- {key}: unknown key; {hint}allowed keys here: {', '.join(keys)}")
             continue
-        allowed = ""
-        ctx = e.get("ctx") or {}
-        if "expected" in ctx:
-            allowed = f"; allowed: {ctx['expected']}"
         given = e.get("input")
         given_s = "" if isinstance(given, (dict, list)) else f" (given: {given!r})"
-        lines.append(f"- {key}: {e['msg']}{given_s}{allowed}")
+        lines.append(f"- {key}: {e['msg']}{given_s}")
     return "invalid configuration:\n" + "\n".join(lines)
 
 
