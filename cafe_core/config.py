@@ -45,6 +45,13 @@ class S3Config(Strict):
     multipart_chunk_mb: int = Field(16, ge=5)
     max_attempts: int = Field(6, ge=1, le=20)
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials_in_url(cls, v: str | None) -> str | None:
+        if v and "@" in v.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError("endpoint_url must not carry credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        return v
+
 
 # --- synthetic data ----------------------------------------------------------------------------------
 

@@ -76,7 +76,7 @@ def s3_ready(endpoint: str, timeout: float = 2.0) -> bool:
         "s3",
         endpoint_url=endpoint,
         region_name="us-east-1",
-        config=BotoConfig(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}),
+        config=BotoConfig(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1}),
         **LOCAL_CREDENTIALS,
     )
     try:

@@ -67,9 +67,9 @@ def check_relative(name: str) -> str:
     """A relative object name inside an output: forward slashes, no '..', not absolute, printable."""
     if not name or name.startswith("/") or "\\" in name or "\x00" in name:
         raise StorageError(f"object name {name!r} must be a non-empty relative path with '/' separators")
-    parts = PurePosixPath(name).parts
-    if any(p in ("..", ".") for p in parts) or any(not p.isprintable() for p in parts):
-        raise StorageError(f"object name {name!r} may not contain '.', '..' or unprintable parts")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") or not p.isprintable() for p in parts):
+        raise StorageError(f"object name {name!r} may not contain empty, '.', '..' or unprintable parts")
     return name
 
 
@@ -164,7 +164,7 @@ class Storage:
         if self._client is None:
             # Transient errors (throttling, 5xx, connection resets) are retried with exponential backoff.
             cfg = BotoConfig(
-                retries={"max_attempts": self._max_attempts, "mode": "standard"},
+                retries={"total_max_attempts": self._max_attempts, "mode": "standard"},
                 connect_timeout=10,
                 read_timeout=120,
                 s3={"addressing_style": "path"} if self.endpoint_url else None,

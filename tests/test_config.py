@@ -1,0 +1,93 @@
+"""Configuration: YAML + dotted overrides, placeholders, and errors that name the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from cafe_core.config import CafeConfig, ConfigError, load_config
+
+LOCAL = "configs/local.yaml"
+
+
+def test_local_config_loads_and_fills_placeholders():
+    cfg = load_config(LOCAL, ["run_id=r1", "root=s3://other/x"])
+    assert cfg.data.output == "s3://other/x/runs/r1/convert"
+    assert cfg.data.sources[0].uri == "s3://other/x/datasets/shapes-v1/train/shapes"
+    assert cfg.validate_.input == cfg.data.output
+
+
+def test_overrides_reach_nested_keys_and_lists():
+    cfg = load_config(LOCAL, ["data.max_samples=500", "data.sources.0.name=other", "validate.source_mix.shapes.min=0.5"])
+    assert cfg.data.max_samples == 500
+    assert cfg.data.sources[0].name == "other"
+    assert cfg.validate_.source_mix["shapes"].min == 0.5
+
+
+def test_auto_run_id_is_a_timestamp():
+    assert load_config(LOCAL).run_id[:2] == "20"
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as err:
+        load_config(LOCAL, ["data.maxsamples=3"])
+    msg = str(err.value)
+    assert "data.maxsamples: unknown key" in msg and "did you mean 'max_samples'" in msg
+    assert "allowed keys here:" in msg and "caption_rule" in msg
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("synth:\n  sed: 3\n")
+    with pytest.raises(ConfigError, match=r"synth\.sed: unknown key; did you mean 'seed'"):
+        load_config(bad)
+
+
+def test_bad_value_names_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_config(LOCAL, ["data.caption_rule=last"])
+    assert "data.caption_rule" in str(err.value) and "'joined' or 'first'" in str(err.value)
+    assert "given: 'last'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("data.max_reject_rate=2", "data.max_reject_rate"),
+        ("data.sources.5.name=x", "not an index of a list with 1 items"),
+        ("noequals", "dotted.key=value"),
+        ("run_id=../../etc", "run_id"),
+        ("validate.caption_chars.min=10", None),
+        ("validate.caption_chars.max=5", "min (20.0) is greater than max (5.0)"),
+        ("data.sources.0.image_folder=/x", "only used with format 'llava_next'"),
+        ("data.sources.0.name=../x", "data.sources.0.name"),
+    ],
+)
+def test_override_errors(override, fragment):
+    if fragment is None:
+        load_config(LOCAL, [override])
+        return
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_config(LOCAL, [override])
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    lst = tmp_path / "l.yaml"
+    lst.write_text("- a\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(lst)
+
+
+def test_resolved_config_roundtrips():
+    cfg = load_config(LOCAL, ["run_id=r1"])
+    import yaml
+
+    again = CafeConfig.model_validate(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg and again.digest() == cfg.digest()
+    assert load_config(LOCAL, ["run_id=r2"]).digest() != cfg.digest()
+
+
+def test_data_section_required_for_convert():
+    with pytest.raises(ConfigError, match="no 'data' section"):
+        load_config(None).require_data()

@@ -1,0 +1,230 @@
+"""Storage: local and S3 alike, the commit protocol, hostile names, multipart, retries."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from cafe_core.storage import (
+    MANIFEST,
+    ChecksumError,
+    NotCommittedError,
+    OutputWriter,
+    Storage,
+    StorageError,
+    check_relative,
+    join,
+    read_manifest,
+    safe_name,
+    verify_output,
+)
+
+HOSTILE = [
+    "../../x",
+    "/etc/passwd",
+    "..",
+    ".",
+    "a/../../b",
+    "C:\\Windows\\x",
+    "x" * 5000,
+    "\u202eevil\u202d",  # bidi override
+    "caf\u0065\u0301",  # combining accent
+    "ﬁle",  # ligature, changes under NFKC
+    "zero\u200bwidth",
+    "nul\x00byte",
+    "new\nline",
+    "🙂/🙃",
+    "",
+]
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path, bucket):
+    """The same tests run on a local folder and on the real S3 server."""
+    if request.param == "local":
+        return Storage(), str(tmp_path / "out")
+    request.getfixturevalue("s3_env")
+    return Storage(multipart_threshold_mb=5, multipart_chunk_mb=5), f"{bucket}/out"
+
+
+def test_roundtrip_and_listing(where):
+    store, base = where
+    store.write_bytes(join(base, "a/b.bin"), b"123")
+    store.write_text(join(base, "c.txt"), "hé")
+    assert store.read_bytes(join(base, "a/b.bin")) == b"123"
+    assert store.read_text(join(base, "c.txt")) == "hé"
+    assert [(o.uri, o.size) for o in store.list(base)] == [(join(base, "a/b.bin"), 3), (join(base, "c.txt"), 3)]
+    assert store.exists(join(base, "c.txt")) and not store.exists(join(base, "nope"))
+    with pytest.raises(StorageError, match="does not exist"):
+        store.read_bytes(join(base, "nope"))
+
+
+def test_commit_protocol(where):
+    store, base = where
+    out = OutputWriter(store, base, kind="t")
+    out.put_bytes("part-0", b"a" * 10)
+    out.put_json("stats.json", {"n": 1})
+    # Parts are there but nothing is committed: a reader refuses the output.
+    with pytest.raises(NotCommittedError, match="not a committed output"):
+        read_manifest(store, base)
+    manifest = out.commit(meta={"n": 1})
+    assert read_manifest(store, base).names() == ["part-0", "stats.json"]
+    assert verify_output(store, base).meta == {"n": 1} == manifest.meta
+    # Rewriting the prefix un-commits first, and stale parts go after the new commit.
+    out2 = OutputWriter(store, base, kind="t")
+    with pytest.raises(NotCommittedError):
+        read_manifest(store, base)
+    out2.put_bytes("part-1", b"b")
+    out2.commit()
+    assert read_manifest(store, base).names() == ["part-1"]
+    assert sorted(o.uri.rsplit("/", 1)[1] for o in store.list(base)) == [MANIFEST, "part-1"]
+
+
+def test_verify_detects_tampering(where):
+    store, base = where
+    out = OutputWriter(store, base, kind="t")
+    out.put_bytes("x", b"hello")
+    out.put_bytes("y", b"world")
+    out.commit()
+    store.write_bytes(join(base, "x"), b"HELLO")  # same size, other content
+    store.delete(join(base, "y"))
+    with pytest.raises(ChecksumError) as err:
+        verify_output(store, base)
+    assert "x: sha256 differs" in str(err.value) and "y: missing" in str(err.value)
+
+
+def test_killed_writer_leaves_no_readable_output(tmp_path):
+    """A writer process killed between its parts and its commit: the output stays unreadable."""
+    base = tmp_path / "out"
+    code = (
+        "import os, signal\n"
+        "from cafe_core.storage import OutputWriter, Storage\n"
+        f"out = OutputWriter(Storage(), {str(base)!r}, kind='t')\n"
+        "out.put_bytes('part-0', b'x' * 1000)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+        "out.commit()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code])
+    assert proc.returncode == -9
+    assert (base / "part-0").exists()
+    with pytest.raises(NotCommittedError):
+        read_manifest(Storage(), str(base))
+
+
+def test_local_writes_leave_no_temp_files(tmp_path):
+    store = Storage()
+    store.write_bytes(str(tmp_path / "f"), b"x")
+    assert os.listdir(tmp_path) == ["f"]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_safe_name_cannot_escape(hostile, tmp_path):
+    name = safe_name(hostile)
+    assert re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,79}", name), name
+    assert ".." not in name.split("/") and "/" not in name
+    target = join(str(tmp_path), name)
+    Storage().write_bytes(target, b"x")
+    assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+
+
+def test_safe_name_keeps_distinct_ids_distinct():
+    names = [safe_name(h) for h in HOSTILE]
+    assert len(set(names)) == len(names)
+    assert safe_name("plain-id_1.png") == "plain-id_1.png"
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "a/../b", "a\\b", "", "./a", "a/\x00"])
+def test_relative_names_refused(bad):
+    with pytest.raises(StorageError):
+        check_relative(bad)
+    with pytest.raises(StorageError):
+        join("s3://b/prefix", bad)
+
+
+def test_output_writer_refuses_escaping_names(tmp_path):
+    out = OutputWriter(Storage(), str(tmp_path / "o"), kind="t")
+    with pytest.raises(StorageError):
+        out.put_bytes("../escape", b"x")
+    with pytest.raises(StorageError):
+        out.put_bytes(MANIFEST, b"{}")
+    assert not (tmp_path / "escape").exists()
+
+
+@pytest.mark.s3
+def test_large_objects_go_multipart(s3_store, bucket, tmp_path):
+    data = os.urandom(12 << 20)
+    path = tmp_path / "big.bin"
+    path.write_bytes(data)
+    out = OutputWriter(s3_store, f"{bucket}/big", kind="t")
+    out.put_file("big.bin", path)
+    out.commit()
+    head = s3_store.client.head_object(Bucket=bucket[5:], Key="big/big.bin")
+    assert re.search(r"-\d+\"?$", head["ETag"]), f"expected a multipart ETag, got {head['ETag']}"
+    verify_output(s3_store, f"{bucket}/big")
+    assert s3_store.read_bytes(f"{bucket}/big/big.bin") == data
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """An S3 endpoint that answers 503 SlowDown a set number of times, then the object."""
+
+    failures = 0
+    calls = 0
+
+    def do_GET(self):  # noqa: N802
+        type(self).calls += 1
+        if type(self).calls <= type(self).failures:
+            body = b"<Error><Code>SlowDown</Code><Message>busy</Message></Error>"
+            self.send_response(503)
+        else:
+            body = b"hello"
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky_endpoint(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_transient_errors_are_retried(flaky_endpoint):
+    _Flaky.failures, _Flaky.calls = 2, 0
+    store = Storage(endpoint_url=flaky_endpoint, region="us-east-1", max_attempts=4)
+    assert store.read_bytes("s3://b/k") == b"hello"
+    assert _Flaky.calls == 3
+
+
+def test_retries_are_bounded(flaky_endpoint):
+    _Flaky.failures, _Flaky.calls = 10, 0
+    store = Storage(endpoint_url=flaky_endpoint, region="us-east-1", max_attempts=2)
+    with pytest.raises(StorageError, match="SlowDown"):
+        store.read_bytes("s3://b/k")
+    assert _Flaky.calls == 2
+
+
+def test_secrets_never_reach_artifacts(s3_env, bucket, monkeypatch):
+    """The resolved config written next to outputs holds no credential."""
+    from cafe_core.config import load_config
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    cfg = load_config(None, [f"root={bucket}"])
+    assert "very-secret-value" not in cfg.to_yaml()
+    with pytest.raises(Exception, match="endpoint_url"):
+        load_config(None, ["s3.endpoint_url=http://user:pass@127.0.0.1:9000"])
