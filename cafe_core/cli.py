@@ -192,11 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cafe", description="CAFe fine-tuning pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn, help: str, parent=sub) -> argparse.ArgumentParser:
+    def add(name: str, fn, help: str, parent=sub, positionals: Sequence[tuple[str, dict]] = ()) -> None:
         p = parent.add_parser(name, help=help, description=help)
+        for arg, spec in positionals:  # before the key=value words, which take the rest
+            p.add_argument(arg, **spec)
         _add_config_args(p)
         p.set_defaults(fn=fn)
-        return p
 
     add("run", cmd_run, "run the main job (synth -> convert -> validate) and print where everything went")
     data = sub.add_parser("data", help="synthetic data").add_subparsers(dest="data_command", required=True)
@@ -206,15 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     s3 = sub.add_parser("s3", help="the embedded S3 server").add_subparsers(dest="s3_command", required=True)
     add("serve", cmd_s3_serve, "run the embedded SeaweedFS S3 server until Ctrl-C", s3)
     art = sub.add_parser("artifacts", help="browse artifacts").add_subparsers(dest="art_command", required=True)
-    add("ls", cmd_artifacts_ls, "list objects under a prefix or run id, with sizes", art).add_argument(
-        "target", help="s3://bucket/prefix, a local folder, or a run id"
-    )
-    get = add("get", cmd_artifacts_get, "download one object (to a file, or stdout)", art)
-    get.add_argument("target", help="s3://bucket/key or a local path")
-    get.add_argument("dest", nargs="?", help="local file (default: stdout)")
-    add("verify", cmd_artifacts_verify, "check a committed output against its manifest (sizes, sha256)", art).add_argument(
-        "target", help="the output prefix"
-    )
+    add("ls", cmd_artifacts_ls, "list objects under a prefix or run id, with sizes", art,
+        [("target", {"help": "s3://bucket/prefix, a local folder, or a run id"})])
+    add("get", cmd_artifacts_get, "download one object (to a file with --dest, else to stdout)", art,
+        [("target", {"help": "s3://bucket/key or a local path"}), ("--dest", {"help": "local file to write"})])
+    add("verify", cmd_artifacts_verify, "check a committed output against its manifest (sizes, sha256)", art,
+        [("target", {"help": "the output prefix, or a run id"})])
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
     add("show", cmd_config_show, "print the resolved configuration", cfg)
     return parser

@@ -58,7 +58,7 @@ class S3Config(Strict):
 
 class SynthConfig(Strict):
     output: str = "{root}/datasets/shapes"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     image_size: int = Field(64, ge=16, le=1024)
     train_size: int = Field(2000, ge=1)
     train_shard_rows: int = Field(500, ge=1)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
 from pathlib import Path
 import boto3
 from botocore.config import Config as BotoConfig
@@ -84,6 +85,19 @@ def s3_ready(endpoint: str, timeout: float = 2.0) -> bool:
         return True
     except Exception:
         return False
+
+
+def volumes_ready(master: str, timeout: float = 2.0) -> bool:
+    """After a restart the S3 gateway answers before the volume server has re-registered its data with
+    the master; reads fail until then. Ready means at least one data node is in the topology."""
+    try:
+        with urllib.request.urlopen(f"{master}/dir/status", timeout=timeout) as resp:
+            topology = json.load(resp).get("Topology", {})
+    except (OSError, ValueError):
+        return False
+    return any(
+        rack.get("DataNodes") for dc in topology.get("DataCenters") or [] for rack in dc.get("Racks") or []
+    )
 
 
 class EmbeddedS3:
@@ -150,7 +164,7 @@ class EmbeddedS3:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise EmbeddedS3Error(f"SeaweedFS exited with code {self._proc.returncode}; see {logs}/server.out")
-            if s3_ready(endpoint, timeout=1.0):
+            if s3_ready(endpoint, timeout=1.0) and volumes_ready(f"http://127.0.0.1:{ports['master.port']}"):
                 return endpoint
             time.sleep(0.25)
         self._kill()

@@ -95,7 +95,7 @@ _POSITION_WORDS = (
     ("left", "center", "right"),
     ("lower left", "bottom", "lower right"),
 )
-_POSITION_PHRASES = {
+POSITION_PHRASES = {
     "upper left": "in the upper left corner",
     "top": "at the top",
     "upper right": "in the upper right corner",
@@ -353,7 +353,7 @@ def _opening(scene: Scene, rng: np.random.Generator) -> str:
 
 def _object_sentence(obj: Obj, noun: str, rng: np.random.Generator) -> str:
     thing = f"{_pick(rng, _SIZE_WORDS[obj.size], 0.6)} {noun}"
-    where = _POSITION_PHRASES[obj.position]
+    where = POSITION_PHRASES[obj.position]
     templates = (
         f"{capitalise(where)}, there is {with_article(thing)}.",
         f"{capitalise(with_article(thing))} is {where}.",
@@ -409,7 +409,7 @@ def _short_caption(scene: Scene, rng: np.random.Generator) -> str:
 
 def _short_phrase(obj: Obj, noun: str, rng: np.random.Generator, sized: bool, placed: bool) -> str:
     thing = f"{_pick(rng, _SIZE_WORDS[obj.size], 0.6)} {noun}" if sized else noun
-    where = f" {_POSITION_PHRASES[obj.position]}" if placed else ""
+    where = f" {POSITION_PHRASES[obj.position]}" if placed else ""
     return f"{with_article(thing)}{where}"
 
 

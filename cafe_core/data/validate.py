@@ -220,8 +220,8 @@ def _pixel_limit(cfg: ValidateConfig) -> int | None:
 @contextmanager
 def _pixel_guard(max_pixels: int | None) -> Iterator[None]:
     """PIL refuses images over twice MAX_IMAGE_PIXELS; tie that to the configured size bounds so a
-    decompression bomb can't exhaust memory. Images between one and two times the limit still decode and
-    are reported by image_size, so PIL's warning for them is silenced. With open bounds PIL's default stays."""
+    decompression bomb can't exhaust memory. Images between one and two times the limit still decode (their
+    size is image_size's concern), so PIL's warning for them is silenced. With open bounds PIL's default stays."""
     previous = Image.MAX_IMAGE_PIXELS
     if max_pixels is not None:
         Image.MAX_IMAGE_PIXELS = max_pixels
@@ -443,7 +443,7 @@ def _outcome(result: ExpectationValidationResult) -> _Outcome:
         detail = f"{bad:,} of {total:,} rows{share} {what}"
     ids = [str(row["id"]) for row in found.get("partial_unexpected_index_list", []) if "id" in row]
     return _Outcome(
-        key=config["kwargs"].get("column", "table"),
+        key=config["kwargs"]["column"],
         success=bool(as_json["success"]),
         observed=observed,
         expected=kwargs,

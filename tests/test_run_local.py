@@ -1,0 +1,98 @@
+"""Integration: synth -> convert -> validate through the `cafe` command against a real SeaweedFS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from cafe_core.storage import NotCommittedError, Storage, read_manifest, verify_output
+
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
+SMALL = [
+    "synth.train_size=300", "synth.train_shard_rows=120", "synth.retrieval_images=10", "synth.pope_images=5",
+    "synth.mmeb_rows_per_dataset=4", "synth.mc_questions=8", "synth.caption_images=5", "synth.bad_fraction=0.03",
+    "validate.min_rows=100",
+]
+
+
+def cafe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cafe_core.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture
+def root(s3_env, bucket):
+    return bucket
+
+
+def test_run_end_to_end(root):
+    out = cafe("run", "--config", "configs/local.yaml", f"root={root}", "run_id=it1", *SMALL)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run = f"{root}/runs/it1"
+    for where in (f"{root}/datasets/shapes-v1", f"{run}/convert/", f"{run}/validate/summary.txt", f"{run}/validate/data_docs/index.html"):
+        assert where in out.stdout, where
+    store = Storage()
+    synth = verify_output(store, f"{root}/datasets/shapes-v1")
+    converted = verify_output(store, f"{run}/convert")
+    validated = verify_output(store, f"{run}/validate")
+    assert validated.meta["success"] is True
+
+    stats = json.loads(store.read_bytes(f"{run}/convert/stats.json"))
+    bad = sum(synth.meta["bad_rows"].values())
+    assert stats["input"] == 300 == stats["accepted"] + stats["rejected"] + stats["deduped"]
+    assert stats["rejected"] + stats["deduped"] == bad > 0  # every broken row is caught, nothing else
+    broken = dict(synth.meta["bad_rows"])
+    assert stats["deduped"] == broken.pop("duplicate_content")
+    assert stats["rejected_by_reason"] == {k: v for k, v in broken.items() if v}  # each caught for its reason
+    rejects = store.read_text(f"{run}/convert/rejects.jsonl").splitlines()
+    assert len(rejects) == stats["rejected"]
+
+    # The local config converts with the first-gpt-turn rule: captions are the description only.
+    shard = next(n for n in converted.names() if n.startswith("pairs/"))
+    with store.local_copy(f"{run}/convert/{shard}") as path:
+        table = pq.read_table(path)
+    caption, conversation = table.column("caption")[0].as_py(), table.column("conversations")[0].as_py()
+    assert caption == conversation[1]["value"] and len(conversation) > 2
+
+    config = store.read_text(f"{run}/convert/config.yaml")
+    assert "run_id: it1" in config and "secret" not in config.lower()
+
+    # A second run reuses the committed synthetic data and lists its artifacts.
+    again = cafe("run", "--config", "configs/local.yaml", f"root={root}", "run_id=it2", *SMALL)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    listing = cafe("artifacts", "ls", "it2", f"root={root}")
+    assert listing.returncode == 0 and "convert/pairs/part-00000.parquet" in listing.stdout
+    assert "objects" in listing.stdout.splitlines()[-1]
+    verify = cafe("artifacts", "verify", f"{run}/convert", f"root={root}")
+    assert verify.returncode == 0 and "all sha256 match" in verify.stdout
+
+
+def test_reject_limit_fails_the_run(root):
+    out = cafe("run", "--config", "configs/local.yaml", f"root={root}", "run_id=strict", *SMALL, "data.max_reject_rate=0.001")
+    assert out.returncode == 1
+    assert "reject rate" in out.stderr and "data.max_reject_rate=0.10%" in out.stderr
+    with pytest.raises(NotCommittedError):
+        read_manifest(Storage(), f"{root}/runs/strict/convert")
+
+
+def test_hard_validation_failure_fails_the_run(root):
+    out = cafe("run", "--config", "configs/local.yaml", f"root={root}", "run_id=v", *SMALL, "validate.min_rows=100000")
+    assert out.returncode == 1 and "hard check" in out.stderr
+    summary = Storage().read_text(f"{root}/runs/v/validate/summary.txt")
+    assert "row_count" in summary and "FAIL" in summary
+
+
+def test_bad_config_is_refused_before_any_work(root):
+    out = cafe("convert", "--config", "configs/local.yaml", f"root={root}", "data.caption_rul=first")
+    assert out.returncode == 2 and "did you mean 'caption_rule'" in out.stderr
+    assert Storage().list(root) == []
+
+
+def test_validate_refuses_uncommitted_input(root):
+    out = cafe("validate", "--config", "configs/local.yaml", f"root={root}", "run_id=none")
+    assert out.returncode == 2 and "not a committed output" in out.stderr
