@@ -14,7 +14,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -126,6 +126,11 @@ class Bounds(Strict):
 
 
 Severity = Literal["hard", "soft"]
+Check = Literal[
+    "unique_ids", "caption_length", "image_size", "images_decode", "duplicate_rate", "reject_rate", "source_mix",
+    "row_count",
+]
+CHECKS: tuple[str, ...] = get_args(Check)
 
 
 class ValidateConfig(Strict):
@@ -142,19 +147,7 @@ class ValidateConfig(Strict):
     source_mix: dict[str, Bounds] = Field(default_factory=dict)
     min_rows: int = Field(1, ge=0)
     # Which checks fail the stage (hard) and which only warn (soft).
-    severity: dict[
-        Literal[
-            "unique_ids",
-            "caption_length",
-            "image_size",
-            "images_decode",
-            "duplicate_rate",
-            "reject_rate",
-            "source_mix",
-            "row_count",
-        ],
-        Severity,
-    ] = Field(default_factory=dict)
+    severity: dict[Check, Severity] = Field(default_factory=dict)
 
     def severity_of(self, check: str) -> Severity:
         return self.severity.get(check, "soft" if check == "source_mix" else "hard")  # type: ignore[arg-type]

@@ -14,10 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 import yaml
 from PIL import Image
 
-from cafe_core.config import ConfigError, SynthConfig
+from cafe_core.config import SynthConfig
 from cafe_core.data import shapes as W
 from cafe_core.data.synth import BAD_KINDS, MMEB_DATASETS, generate, is_current, vocabulary
 from cafe_core.storage import Manifest, Storage, read_manifest, verify_output
@@ -153,8 +154,8 @@ def test_is_current_tracks_config_and_files(built, tmp_path):
 
 
 def test_negative_seed_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="synth.seed"):
-        generate(small_config(tmp_path / "x", seed=-1), Storage())
+    with pytest.raises(ValidationError, match="seed"):
+        small_config(tmp_path / "x", seed=-1)
 
 
 # --- training split ----------------------------------------------------------------------------------

@@ -25,21 +25,9 @@ from cafe_core.data.validate import (
     image_decodes,
     validate_dataset,
 )
+from cafe_core.data.convert import PAIR_SCHEMA
 from cafe_core.storage import NotCommittedError, OutputWriter, Storage, read_manifest
 
-PAIRS_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("image", pa.binary()),
-        ("image_sha256", pa.string()),
-        ("image_format", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("caption", pa.string()),
-        ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
-    ]
-)
 CONFIG_YAML = "validate:\n  min_rows: 1\n"
 
 
@@ -87,7 +75,7 @@ def write_dataset(
     per_shard = -(-len(rows) // shards)
     for k in range(shards):
         local = scratch / f"part-{k:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows[k * per_shard : (k + 1) * per_shard], schema=PAIRS_SCHEMA), local)
+        pq.write_table(pa.Table.from_pylist(rows[k * per_shard : (k + 1) * per_shard], schema=PAIR_SCHEMA), local)
         out.put_file(f"pairs/part-{k:05d}.parquet", local)
     if with_stats:
         out.put_json(

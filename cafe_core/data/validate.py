@@ -42,19 +42,9 @@ from great_expectations.expectations.metadata_types import FailureSeverity  # no
 from PIL import Image  # noqa: E402
 from pydantic import BaseModel, computed_field  # noqa: E402
 
-from cafe_core.config import Bounds, Severity, ValidateConfig  # noqa: E402
+from cafe_core.config import CHECKS, Bounds, Severity, ValidateConfig  # noqa: E402
 from cafe_core.storage import OutputWriter, Storage, StorageError, join, read_manifest  # noqa: E402
 
-CHECKS = (
-    "unique_ids",
-    "caption_length",
-    "image_size",
-    "images_decode",
-    "duplicate_rate",
-    "reject_rate",
-    "source_mix",
-    "row_count",
-)
 STATS = "stats.json"
 MAX_EXAMPLES = 10
 _BATCH_ROWS = 256  # rows decoded at a time: bounds memory below one shard's image bytes
