@@ -153,6 +153,46 @@ class ValidateConfig(Strict):
         return self.severity.get(check, "soft" if check == "source_mix" else "hard")  # type: ignore[arg-type]
 
 
+# --- model -----------------------------------------------------------------------------------------
+
+
+class TinyModelConfig(Strict):
+    """Shapes of the embedded default: the real LLaVA-OneVision class, small enough for a CPU."""
+
+    vision_hidden: int = Field(64, ge=8)
+    vision_layers: int = Field(2, ge=1)
+    vision_heads: int = Field(2, ge=1)
+    image_size: int = Field(32, ge=8)
+    patch_size: int = Field(8, ge=1)
+    text_hidden: int = Field(128, ge=8)
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    text_kv_heads: int = Field(2, ge=1)
+    intermediate: int = Field(256, ge=8)
+    vocab_size: int = Field(1024, ge=300)  # the project-built BPE tokenizer's size, special tokens included
+
+
+ModelPreset = Literal["tiny", "llava-onevision-qwen2-0.5b-si", "llava-onevision-qwen2-7b-si"]
+
+
+class ModelConfig(Strict):
+    """Either a preset (random init) or a Hugging Face checkpoint folder (local or s3://, safetensors)."""
+
+    preset: ModelPreset | None = "tiny"
+    checkpoint: str | None = None
+    tiny: TinyModelConfig = TinyModelConfig()
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    init_seed: int = Field(0, ge=0)
+    cache_dir: str = ".cafe/models"  # where s3:// checkpoints are fetched to
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.preset is None) == (self.checkpoint is None):
+            raise ValueError("set exactly one of model.preset and model.checkpoint (e.g. model.preset=null)")
+        return self
+
+
 # --- root --------------------------------------------------------------------------------------------
 
 
@@ -162,6 +202,7 @@ class CafeConfig(Strict):
     s3: S3Config = S3Config()
     synth: SynthConfig = SynthConfig()
     data: DataConfig | None = None
+    model: ModelConfig = ModelConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)

@@ -1,0 +1,143 @@
+"""CAFe's joint loss: L = a_lm * L_lm + a_con * L_con.
+
+Both parts are written so that the loss and its gradients do not depend on how the global batch is split
+across ranks (with gradients averaged over ranks, as DDP and DeepSpeed do):
+- InfoNCE gathers the embeddings of every rank *with* gradient and scores the local rows against all
+  columns (open_clip's gather_with_grad + local_loss); the gather's backward sums the column gradients back
+  to the rank that owns them. The reference gathers without gradient, which shrinks the contrastive
+  gradient as 1/world_size.
+- The LM loss is normalised by the global number of target tokens, not each rank's own count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+IGNORE_INDEX = -100
+MAX_LOGIT_SCALE = 100.0  # open_clip's clamp for a learnable temperature
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Concatenate x from every rank along dim 0; gradients flow back to each rank's own rows."""
+    _, world = _world()
+    if world == 1:
+        return x
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+
+
+def global_sum(x: Tensor) -> Tensor:
+    """Sum of a (no-grad) tensor over ranks."""
+    _, world = _world()
+    if world == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
+class InfoNCE(nn.Module):
+    """Symmetric InfoNCE over the global batch: mean of CE(a->b) and CE(b->a), logits in fp32.
+
+    Inputs are L2-normalised embeddings of the local rows, row i of `a` matching row i of `b`; every
+    rank must hold the same number of rows.
+    """
+
+    def __init__(self, temperature: float = 0.05, learnable: bool = False):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (given {temperature})")
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learnable:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale, persistent=False)
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / float(self.log_scale.detach().exp())
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.shape != b.shape or a.dim() != 2:
+            raise ValueError(f"expected two (batch, dim) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        rank, _ = _world()
+        a, b = a.float(), b.float()
+        all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+        scale = self.log_scale.float().exp().clamp(max=MAX_LOGIT_SCALE)
+        labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+        loss_ab = F.cross_entropy(scale * a @ all_b.T, labels)
+        loss_ba = F.cross_entropy(scale * b @ all_a.T, labels)
+        return (loss_ab + loss_ba) / 2
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Next-token cross-entropy over target tokens (IGNORE_INDEX elsewhere), averaged over the global
+    number of target tokens so that every token weighs the same whatever rank holds it.
+
+    `logits[i]` predicts `targets[i]`: the caller has already shifted (and may have kept only the
+    positions that have a target). Shapes (N, vocab) and (N,).
+    """
+    _, world = _world()
+    mask = targets != IGNORE_INDEX
+    total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = global_sum(mask.sum().to(logits.device, torch.float32))
+    # Gradients are averaged over ranks afterwards, hence the factor world.
+    return total * world / count.clamp(min=1.0)
+
+
+@dataclass
+class LossParts:
+    total: Tensor
+    lm: Tensor | None
+    con: Tensor | None
+
+    def as_floats(self) -> dict[str, float]:
+        out = {"loss": float(self.total.detach())}
+        if self.lm is not None:
+            out["loss_lm"] = float(self.lm.detach())
+        if self.con is not None:
+            out["loss_con"] = float(self.con.detach())
+        return out
+
+
+class JointLoss(nn.Module):
+    """a_lm * L_lm + a_con * L_con; a weight of 0 switches its part off (LM-only, contrastive-only)."""
+
+    def __init__(self, a_lm: float = 1.0, a_con: float = 10.0, temperature: float = 0.05, learnable_temperature: bool = False):
+        super().__init__()
+        if a_lm < 0 or a_con < 0 or a_lm + a_con == 0:
+            raise ValueError(f"loss weights must be >= 0 and not both 0 (a_lm={a_lm}, a_con={a_con})")
+        self.a_lm, self.a_con = a_lm, a_con
+        self.infonce = InfoNCE(temperature, learnable_temperature)
+
+    @property
+    def uses_lm(self) -> bool:
+        return self.a_lm > 0
+
+    @property
+    def uses_con(self) -> bool:
+        return self.a_con > 0
+
+    def forward(
+        self,
+        lm_logits: Tensor | None = None,
+        lm_targets: Tensor | None = None,
+        emb_a: Tensor | None = None,
+        emb_b: Tensor | None = None,
+    ) -> LossParts:
+        lm = lm_loss(lm_logits, lm_targets) if self.uses_lm else None
+        con = self.infonce(emb_a, emb_b) if self.uses_con else None
+        parts = [w * p for w, p in ((self.a_lm, lm), (self.a_con, con)) if p is not None]
+        return LossParts(total=sum(parts[1:], parts[0]), lm=lm, con=con)
