@@ -72,8 +72,31 @@ def _validate(cfg: CafeConfig, store: Storage) -> str:
     return cfg.validate_.output
 
 
+def _train(cfg: CafeConfig, store: Storage) -> str:
+    from cafe_core.train.launch import in_torchrun, torchrun
+
+    if cfg.train.nproc_per_node > 1 and not in_torchrun():
+        print(f"train: {cfg.train.nproc_per_node} processes under torchrun", flush=True)
+        if torchrun(cfg, store, ["train"]) != 0:
+            raise StageFailed(f"train: a training process failed; checkpoints under {cfg.train.output}/checkpoints")
+        return f"{cfg.train.output}/final"
+    from cafe_core.train.checkpoint import CheckpointError
+    from cafe_core.train.data import DataError
+    from cafe_core.train.trainer import run
+
+    try:
+        result = run(cfg, store)
+    except (DataError, CheckpointError) as e:
+        raise ConfigError(str(e)) from None
+    if result.heldout:
+        print(f"train: held-out image->text top-1 {result.heldout['heldout/i2t_top1']:.3f} "
+              f"(chance {result.heldout['heldout/chance']:.3f}) after {result.steps} steps")
+    print(f"train: {result.output}")
+    return result.output
+
+
 def _uris(cfg: CafeConfig) -> list[str]:
-    uris = [cfg.root, cfg.synth.output, cfg.validate_.input, cfg.validate_.output]
+    uris = [cfg.root, cfg.synth.output, cfg.validate_.input, cfg.validate_.output, cfg.train.data, cfg.train.output]
     if cfg.data:
         uris += [cfg.data.output, *(s.uri for s in cfg.data.sources)]
     return uris
@@ -204,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("synth", _with_store(_synth), "generate the synthetic shapes-world datasets", data)
     add("convert", _with_store(_convert), "convert training data into image-text pair shards")
     add("validate", _with_store(_validate), "check a converted dataset with great-expectations")
+    add("train", _with_store(_train), "CAFe fine-tuning (torchrun + DeepSpeed), resumable from S3 checkpoints")
     s3 = sub.add_parser("s3", help="the embedded S3 server").add_subparsers(dest="s3_command", required=True)
     add("serve", cmd_s3_serve, "run the embedded SeaweedFS S3 server until Ctrl-C", s3)
     art = sub.add_parser("artifacts", help="browse artifacts").add_subparsers(dest="art_command", required=True)

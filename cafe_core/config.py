@@ -169,7 +169,7 @@ class TinyModelConfig(Strict):
     text_heads: int = Field(4, ge=1)
     text_kv_heads: int = Field(2, ge=1)
     intermediate: int = Field(256, ge=8)
-    vocab_size: int = Field(1024, ge=300)  # the project-built BPE tokenizer's size, special tokens included
+    vocab_size: int = Field(1024, ge=300, le=1500)  # the project-built BPE tokenizer's size, special tokens included
 
 
 ModelPreset = Literal["tiny", "llava-onevision-qwen2-0.5b-si", "llava-onevision-qwen2-7b-si"]
@@ -193,6 +193,91 @@ class ModelConfig(Strict):
         return self
 
 
+# --- training --------------------------------------------------------------------------------------
+
+
+class PromptConfig(Strict):
+    """Embedding instructions. Defaults are the reference strings (SPEC section 1), so a released
+    checkpoint reproduces its numbers. `{text}` is replaced by the caption / query text."""
+
+    system: str = "You are a helpful assistant."
+    image: str = "<image>\nCompress this image in one word:"
+    text: str = "{text}Compress this sentence in one word:"
+    interleaved: str = "{text}"  # MMEB-style query/target: the user text itself, with <image> where it has one
+    # Appended after the generation prompt "<|im_start|>assistant\n"; the reference ends with <|im_end|>.
+    assistant_suffix: str = "<|im_end|>"
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "PromptConfig":
+        if "<image>" not in self.image:
+            raise ValueError("prompts.image must contain <image>")
+        for name in ("text", "interleaved"):
+            if "{text}" not in getattr(self, name):
+                raise ValueError(f"prompts.{name} must contain {{text}}")
+        return self
+
+
+class LossConfig(Strict):
+    a_lm: float = Field(1.0, ge=0)
+    a_con: float = Field(10.0, ge=0)
+    temperature: float = Field(0.05, gt=0)
+    learnable_temperature: bool = False
+    # pairs: image vs caption embeddings. interleaved: query vs target inputs (MMEB-style training).
+    mode: Literal["pairs", "interleaved"] = "pairs"
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> "LossConfig":
+        if self.a_lm == 0 and self.a_con == 0:
+            raise ValueError("a_lm and a_con are both 0: nothing to train")
+        return self
+
+
+class TrainParts(Strict):
+    vision: bool = True
+    projector: bool = True
+    llm: bool = True
+
+
+class OptimConfig(Strict):
+    lr_llm: float = Field(1e-5, ge=0)
+    lr_projector: float = Field(1e-5, ge=0)
+    lr_vision: float = Field(2e-6, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    clip_grad: float = Field(1.0, ge=0)  # 0 disables
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class TrainConfig(Strict):
+    """`cafe train`: CAFe fine-tuning under torchrun + DeepSpeed."""
+
+    data: str = "{root}/runs/{run_id}/convert"
+    heldout: str | None = "{root}/datasets/shapes-v1/eval/retrieval"  # retrieval parquet for in-training accuracy
+    output: str = "{root}/runs/{run_id}/train"
+    global_batch_size: int = Field(16, ge=1)  # per optimizer step, over all ranks and accumulation steps
+    grad_accum: int = Field(1, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
+    max_length: int = Field(512, ge=16)
+    zero_stage: Literal[0, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    parts: TrainParts = TrainParts()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    prompts: PromptConfig = PromptConfig()
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    heldout_size: int = Field(100, ge=2)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: str = "latest"  # latest | none | a checkpoint URI
+    seed: int = Field(0, ge=0)
+    nproc_per_node: int = Field(1, ge=1)  # `cafe train` starts torchrun itself when > 1
+    peak_tflops: float | None = Field(None, gt=0)  # per device, for the MFU estimate (GPU)
+
+
 # --- root --------------------------------------------------------------------------------------------
 
 
@@ -203,6 +288,7 @@ class CafeConfig(Strict):
     synth: SynthConfig = SynthConfig()
     data: DataConfig | None = None
     model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)

@@ -188,6 +188,23 @@ class Storage:
             return StorageError(f"{uri}: S3 {op} failed: {code}")
         return StorageError(f"{uri}: {op} failed: {err}")
 
+    def check_reachable(self, uri: str, timeout: float = 5.0) -> None:
+        """Fail fast (one short try, no retries) when an S3 endpoint cannot be reached at all."""
+        if not is_s3(uri):
+            return
+        bucket, _ = split_s3(uri)
+        cfg = BotoConfig(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1})
+        probe = boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=cfg, **self._credentials
+        )
+        try:
+            probe.head_bucket(Bucket=bucket)
+        except ClientError:
+            return  # the endpoint answered (a missing bucket or key is reported by the real call)
+        except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeouts
+            where = self.endpoint_url or "the AWS default endpoint"
+            raise StorageError(f"S3 endpoint {where} is unreachable ({type(e).__name__}); check s3.endpoint_url / AWS_ENDPOINT_URL") from None
+
     def ensure_bucket(self, uri: str) -> None:
         bucket, _ = split_s3(uri)
         if bucket in self._known_buckets:
@@ -420,6 +437,11 @@ class OutputWriter:
             raise StorageError(f"{MANIFEST} is written by commit() only")
         self._entries[name] = ManifestEntry(name=name, size=size, sha256=digest)
         return self.uri(name)
+
+    def add_uploaded(self, entry: ManifestEntry) -> str:
+        """List an object that another process (e.g. another rank) already uploaded under this prefix."""
+        check_relative(entry.name)
+        return self._record(entry.name, entry.size, entry.sha256)
 
     def put_bytes(self, name: str, data: bytes) -> str:
         uri = self.uri(name)

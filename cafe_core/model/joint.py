@@ -1,0 +1,76 @@
+"""The CAFe step as one module: LLaVA-OneVision + the joint loss, in one forward.
+
+One training step runs the vision tower once over the batch's images and the LLM once over all rows:
+the LM conversations, the image-embedding prompts (reusing the same image features) and the text-embedding
+prompts (no image, no dummy zero image). The reference runs three forwards and the vision tower three
+times. Everything happens inside this module's forward and its submodules' forwards, so DeepSpeed ZeRO-3
+gathers each parameter where it is used and every rank makes the same collective calls.
+
+Embedding = last layer hidden state (after the final norm) at the last real token, found from the
+attention mask (left or right padding alike), L2-normalised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cafe_core.loss import IGNORE_INDEX, JointLoss, LossParts
+from cafe_core.model.inputs import Batch
+
+
+def last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """hidden[i, last position where attention_mask[i] == 1], for either padding side."""
+    length = attention_mask.shape[1]
+    last = length - 1 - attention_mask.flip(1).float().argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class CafeModel(nn.Module):
+    def __init__(self, hf_model: nn.Module, loss: JointLoss | None = None):
+        super().__init__()
+        self.hf = hf_model
+        self.loss = loss if loss is not None else JointLoss()
+
+    @property
+    def image_token_id(self) -> int:
+        return self.hf.config.image_token_id
+
+    def hidden_states(self, batch: Batch) -> Tensor:
+        embeds = self.hf.get_input_embeddings()(batch.input_ids)
+        if batch.image_rows_for:
+            per_image = self.hf.get_image_features(batch.pixel_values, batch.image_sizes).pooler_output
+            features = torch.cat([per_image[i] for i in batch.image_rows_for]).to(embeds.dtype)
+            placeholders = batch.input_ids == self.image_token_id
+            if int(placeholders.sum()) != features.shape[0]:
+                raise ValueError(
+                    f"{int(placeholders.sum())} image placeholder tokens for {features.shape[0]} image features: "
+                    "the processor and model disagree (check image_grid_pinpoints)"
+                )
+            embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), features)
+        out = self.hf.model.language_model(
+            inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+        )
+        return out.last_hidden_state
+
+    def embeddings(self, hidden: Tensor, batch: Batch, group: str) -> Tensor:
+        lo, hi = batch.groups[group]
+        return F.normalize(last_token(hidden[lo:hi], batch.attention_mask[lo:hi]).float(), dim=-1)
+
+    def lm_logits(self, hidden: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Logits only where there is a next-token target (saves the vocab projection elsewhere)."""
+        lo, hi = batch.groups["lm"]
+        targets = batch.targets[lo:hi, 1:]
+        keep = targets != IGNORE_INDEX
+        return self.hf.lm_head(hidden[lo:hi, :-1][keep]), targets[keep]
+
+    def forward(self, batch: Batch, mode: str = "train") -> LossParts | Tensor:
+        """mode "train": the joint loss of a pairs batch. mode "embed": embeddings of group "a"."""
+        hidden = self.hidden_states(batch)
+        if mode == "embed":
+            return self.embeddings(hidden, batch, "a")
+        logits, targets = self.lm_logits(hidden, batch) if self.loss.uses_lm else (None, None)
+        a = self.embeddings(hidden, batch, "a") if self.loss.uses_con else None
+        b = self.embeddings(hidden, batch, "b") if self.loss.uses_con else None
+        return self.loss(logits, targets, a, b)

@@ -1,0 +1,79 @@
+"""Held-out in-batch retrieval during training: image->text top-1 over a fixed set, so that learning is
+visible while the run goes (chance is 1/N). Every rank embeds an equal share (ZeRO-3 needs the same calls
+on every rank); embeddings are gathered and scored once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from cafe_core.model.inputs import InputBuilder
+from cafe_core.storage import Storage
+
+EMBED_BATCH = 16
+
+
+class HeldoutError(ValueError):
+    pass
+
+
+@dataclass
+class Heldout:
+    images: list[bytes]
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def load(store: Storage, uri: str, size: int) -> Heldout:
+    """The first `size` images of a retrieval set (Flickr30K test layout), each with its first caption."""
+    shards = [o.uri for o in store.list(uri) if o.uri.endswith(".parquet")]
+    if not shards:
+        raise HeldoutError(f"train.heldout: no .parquet files under {uri} (a retrieval set: image, caption list)")
+    images, captions = [], []
+    for shard in shards:
+        with store.local_copy(shard) as path:
+            for row in pq.read_table(path, columns=["image", "caption"]).to_pylist():
+                image = row["image"]["bytes"] if isinstance(row["image"], dict) else row["image"]
+                images.append(image)
+                captions.append(row["caption"][0])
+                if len(images) == size:
+                    return Heldout(images, captions)
+    if len(images) < 2:
+        raise HeldoutError(f"train.heldout: {uri} has {len(images)} image(s); retrieval needs at least 2")
+    return Heldout(images, captions)
+
+
+def _embed(engine, batches, device) -> torch.Tensor:
+    return torch.cat([engine(b.to(device), mode="embed").float() for b in batches])
+
+
+def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def i2t_top1(engine, builder: InputBuilder, heldout: Heldout, device, rank: int, world: int) -> float:
+    n = len(heldout)
+    share = math.ceil(n / world)
+    # Equal shares on every rank: the last rank repeats its last item, dropped after the gather.
+    idx = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
+    chunks = [idx[i : i + EMBED_BATCH] for i in range(0, share, EMBED_BATCH)]
+    engine.eval()
+    try:
+        img = _embed(engine, (builder.images_batch([heldout.images[i] for i in c]) for c in chunks), device)
+        txt = _embed(engine, (builder.texts_batch([heldout.captions[i] for i in c]) for c in chunks), device)
+    finally:
+        engine.train()
+    img, txt = _gather(img, world)[:n], _gather(txt, world)[:n]
+    hits = (img @ txt.T).argmax(dim=1) == torch.arange(n, device=img.device)
+    return float(hits.float().mean())

@@ -1,0 +1,302 @@
+"""CAFe fine-tuning: LLaVA-OneVision + joint loss, DeepSpeed, resumable S3 checkpoints.
+
+Launch (the same entry point for 1 process or many, on one node or several):
+
+    cafe train --config configs/local.yaml                              # 1 process
+    cafe train --config configs/local.yaml train.nproc_per_node=2       # starts torchrun itself
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        -m cafe_core.cli train --config cluster.yaml                    # what a PyTorchJob runs
+
+Recipe shape as in torchtune: setup() (checks, data, model, optimizer, engine, resume), train(), cleanup().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cafe_core.config import CafeConfig, ConfigError
+from cafe_core.loss import JointLoss
+from cafe_core.model.build import build, save
+from cafe_core.model.inputs import InputBuilder
+from cafe_core.model.joint import CafeModel
+from cafe_core.storage import OutputWriter, Storage, join
+from cafe_core.train import heldout as heldout_eval
+from cafe_core.train.checkpoint import MODEL_DIGEST, WORLD_SIZE, ZERO_STAGE, Checkpoints, read_json_lines
+from cafe_core.train.data import BatchOrder, BatchPlan, PairShards
+from cafe_core.train.schedule import cosine_with_warmup
+
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+
+
+class TrainError(RuntimeError):
+    """A problem found before any training work; the message says what to change."""
+
+
+@dataclass
+class TrainResult:
+    output: str
+    steps: int
+    metrics: list[dict] = field(default_factory=list)
+    heldout: dict[str, float] = field(default_factory=dict)
+
+
+def deepspeed_config(cfg: CafeConfig, plan: BatchPlan) -> dict[str, Any]:
+    """The repo's ZeRO config for the stage, with the batch, clipping and precision of this run."""
+    t = cfg.train
+    ds = json.loads((DEEPSPEED_CONFIGS / f"zero{t.zero_stage}.json").read_text())
+    ds.update(
+        train_batch_size=t.global_batch_size,
+        train_micro_batch_size_per_gpu=plan.micro_batch,
+        gradient_accumulation_steps=t.grad_accum,
+        gradient_clipping=t.optim.clip_grad,
+    )
+    ds["bf16"] = {"enabled": t.precision == "bf16"}
+    return ds
+
+
+class Trainer:
+    def __init__(self, cfg: CafeConfig, store: Storage):
+        self.cfg, self.t, self.store = cfg, cfg.train, store
+        self.rank, self.world, self.local_rank = 0, 1, 0
+        self.metrics: list[dict] = []
+        self.step = 0
+
+    # --- setup ---------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self._check_config()
+        self._setup_distributed()
+        self._setup_data()
+        self._setup_model()
+        self._setup_engine()
+        self._resume()
+
+    def _check_config(self) -> None:
+        if self.t.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            raise ConfigError("train.precision=bf16 needs a GPU with bf16 support; use train.precision=fp32 on this machine")
+        if self.t.loss.mode == "interleaved":
+            raise ConfigError("train.loss.mode=interleaved needs interleaved training data; the pairs datasets of "
+                              "`cafe convert` train with train.loss.mode=pairs")
+        self.store.check_reachable(self.t.data)
+
+    def _setup_distributed(self) -> None:
+        import deepspeed
+
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            if "WORLD_SIZE" not in os.environ:  # a plain single process: a world of one on loopback
+                os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(_free_port()))
+            deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+
+    def _setup_data(self) -> None:
+        self.plan = BatchPlan(self.t.global_batch_size, self.t.grad_accum, self.world)
+        cache = Path(self.cfg.model.cache_dir).parent / "data" / f"rank-{self.rank}"
+        self.shards = PairShards(self.store, self.t.data, cache)
+        self.order = BatchOrder(len(self.shards), self.t.global_batch_size, self.t.seed)
+        self.total_steps = self.order.total_steps(self.t.epochs, self.t.max_steps)
+        self.heldout = heldout_eval.load(self.store, self.t.heldout, self.t.heldout_size) if self.t.heldout else None
+
+    def _setup_model(self) -> None:
+        torch.manual_seed(self.t.seed)
+        hf, self.processor = build(self.cfg.model, self.store)
+        if self.t.gradient_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = JointLoss(self.t.loss.a_lm, self.t.loss.a_con, self.t.loss.temperature, self.t.loss.learnable_temperature)
+        self.model = CafeModel(hf, loss)
+        self.builder = InputBuilder(self.processor, self.t.prompts, self.t.max_length)
+        self.param_groups = self._param_groups(hf)
+        self.n_params = sum(p.numel() for p in hf.parameters())
+
+    def _param_groups(self, hf) -> list[dict]:
+        """Separate learning rates for vision tower, projector and LLM; frozen parts get no group."""
+        o, parts = self.t.optim, self.t.parts
+        groups = {
+            "vision": (parts.vision, o.lr_vision, list(hf.model.vision_tower.parameters())),
+            "projector": (parts.projector, o.lr_projector,
+                          list(hf.model.multi_modal_projector.parameters()) + [hf.model.image_newline]),
+            "llm": (parts.llm, o.lr_llm, list(hf.model.language_model.parameters()) + list(hf.lm_head.parameters())),
+        }
+        out, seen = [], set()
+        for name, (trained, lr, params) in groups.items():
+            unique = [p for p in params if id(p) not in seen]  # tied embeddings appear once
+            seen.update(id(p) for p in unique)
+            for p in unique:
+                p.requires_grad_(trained)
+            if trained:
+                out.append({"name": name, "params": unique, "lr": lr, "weight_decay": o.weight_decay})
+        loss_params = list(self.model.loss.parameters())
+        if loss_params:
+            out.append({"name": "temperature", "params": loss_params, "lr": o.lr_llm, "weight_decay": 0.0})
+        if not out:
+            raise ConfigError("train.parts freezes every part: nothing to train")
+        return out
+
+    def _setup_engine(self) -> None:
+        import deepspeed
+
+        o = self.t.optim
+        optimizer = torch.optim.AdamW(self.param_groups, betas=o.betas)  # client AdamW: no C++ op to compile
+        warmup = int(round(o.warmup_ratio * self.total_steps))
+        scheduler = cosine_with_warmup(optimizer, warmup, self.total_steps, o.min_lr_ratio)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.cfg, self.plan), dist_init_required=False,
+        )
+        self.checkpoints = Checkpoints(self.store, join(self.t.output, "checkpoints"), self.t.keep_checkpoints)
+        self.compatibility = {WORLD_SIZE: self.world, ZERO_STAGE: self.t.zero_stage,
+                              MODEL_DIGEST: self.cfg.model.model_dump_json()}
+
+    def _resume(self) -> None:
+        found = self.checkpoints.resolve(self.t.resume)
+        if found is None:
+            return
+        uri, meta = found
+        self.checkpoints.check_compatible(meta, self.compatibility)
+        self.step, metrics = self.checkpoints.load(self.engine, uri)
+        self.metrics = [m for m in read_json_lines(metrics) if m["step"] <= self.step]
+        self._say(f"resumed from {uri} at step {self.step}")
+
+    # --- training ------------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        chance = 1.0 / len(self.heldout) if self.heldout else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=self.rank != 0 or None, unit="step")
+        window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        while self.step < self.total_steps:
+            rows_of_step = self.order.batch(self.step)
+            parts = None
+            for micro in range(self.t.grad_accum):
+                rows = self.shards.rows(self.plan.rows(rows_of_step, micro, self.rank))
+                batch = self.builder.pairs_batch(
+                    [r["image"] for r in rows], [r["caption"] for r in rows],
+                    [r["conversations"] for r in rows] if self.model.loss.uses_lm else None,
+                    [r["id"] for r in rows],
+                ).to(self.device)
+                parts = self.engine(batch)
+                self.engine.backward(parts.total)
+                self.engine.step()
+                window_samples += len(rows)
+                window_tokens += batch.num_tokens()
+            self.step += 1
+            bar.update(1)
+            record = {"step": self.step, **self._mean_over_ranks(parts.as_floats())}
+            if self.step % self.t.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                record.update(self._throughput(window_samples, window_tokens, elapsed))
+                window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                self._say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            if self.heldout and (self.step % self.t.eval_every == 0 or self.step == self.total_steps):
+                acc = heldout_eval.i2t_top1(self.engine, self.builder, self.heldout, self.device, self.rank, self.world)
+                record.update({"heldout/i2t_top1": acc, "heldout/chance": chance})
+                self._say(f"step {self.step}: held-out image->text top-1 {acc:.3f} (chance {chance:.3f})")
+            self.metrics.append(record)
+            if self.step % self.t.checkpoint_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        return self._finish()
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64)
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world).tolist()))
+
+    def _throughput(self, samples: int, tokens: int, seconds: float) -> dict[str, float]:
+        lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}
+        sums = torch.tensor([samples, tokens], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        out = {"lr": self.optimizer.param_groups[0]["lr"], **lrs,
+               "samples_per_s": float(sums[0]) / seconds, "tokens_per_s": float(sums[1]) / seconds}
+        if self.device.type == "cuda" and self.t.peak_tflops:
+            # nanoGPT-style estimate: 6 FLOPs per parameter per token (forward + backward).
+            out["mfu"] = 6 * self.n_params * out["tokens_per_s"] / (self.t.peak_tflops * 1e12 * self.world)
+        return out
+
+    def save_checkpoint(self) -> None:
+        files = {"metrics.jsonl": _json_lines(self.metrics), "config.yaml": self.cfg.to_yaml().encode()}
+        uri = self.checkpoints.save(self.engine, self.step, self.compatibility, files)
+        self._say(f"checkpoint step {self.step}: {uri}")
+
+    def _finish(self) -> TrainResult:
+        """Write the final model (a complete HF folder), metrics, loss curve and summary, committed."""
+        heldout = {k: v for k, v in self.metrics[-1].items() if k.startswith("heldout/")} if self.metrics else {}
+        final = join(self.t.output, "final")
+        with self._full_parameters():
+            if self.rank == 0:
+                self._write_final(final, heldout)
+        if self.world > 1:
+            dist.barrier()
+        return TrainResult(output=final, steps=self.step, metrics=self.metrics, heldout=heldout)
+
+    def _full_parameters(self):
+        import deepspeed
+
+        if self.t.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(self.model.hf.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def _write_final(self, final: str, heldout: dict[str, float]) -> None:
+        from cafe_core.train.plots import loss_curve_png
+
+        last = {k: v for k, v in self.metrics[-1].items() if isinstance(v, float)} if self.metrics else {}
+        card_metrics = {**{f"train/{k}": v for k, v in last.items() if k.startswith("loss")}, **heldout}
+        out = OutputWriter(self.store, final, kind="trained-model")
+        with tempfile.TemporaryDirectory(prefix="cafe-final-") as tmp:
+            folder = Path(tmp) / "model"
+            save(self.model.hf, self.processor, folder, cafe_config_yaml=self.cfg.to_yaml(), metrics=card_metrics)
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                out.put_file(f"model/{path.relative_to(folder).as_posix()}", path)
+        out.put_bytes("metrics.jsonl", _json_lines(self.metrics))
+        out.put_bytes("loss_curve.png", loss_curve_png(self.metrics))
+        out.put_json("summary.json", {"steps": self.step, "world_size": self.world, "final": last, **heldout})
+        out.put_text("config.yaml", self.cfg.to_yaml())
+        out.commit(meta={"steps": self.step, **heldout})
+        self._say(f"final model: {final}/model")
+
+    def _say(self, text: str) -> None:
+        if self.rank == 0:
+            tqdm.write(text)
+
+    def cleanup(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _json_lines(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def run(cfg: CafeConfig, store: Storage) -> TrainResult:
+    trainer = Trainer(cfg, store)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
