@@ -7,6 +7,7 @@ Exit status: 0 success, 1 the stage ran and failed (reject limit, hard validatio
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -88,6 +89,8 @@ def _train(cfg: CafeConfig, store: Storage) -> str:
         result = run(cfg, store)
     except (DataError, CheckpointError) as e:
         raise ConfigError(str(e)) from None
+    if os.environ.get("RANK", "0") != "0":
+        return result.output
     if result.heldout:
         print(f"train: held-out image->text top-1 {result.heldout['heldout/i2t_top1']:.3f} "
               f"(chance {result.heldout['heldout/chance']:.3f}) after {result.steps} steps")

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
+from torch.distributed._functional_collectives import all_gather_single_autograd
 
 IGNORE_INDEX = -100
 MAX_LOGIT_SCALE = 100.0  # open_clip's clamp for a learnable temperature
@@ -35,7 +35,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
     _, world = _world()
     if world == 1:
         return x
-    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    return all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def global_sum(x: Tensor) -> Tensor:
@@ -103,13 +103,13 @@ class LossParts:
     lm: Tensor | None
     con: Tensor | None
 
+    def as_dict(self) -> dict[str, Tensor]:
+        """Named tensors (a plain dict: DeepSpeed ZeRO-3 hooks the tensors of dicts, not of dataclasses)."""
+        named = {"loss": self.total, "loss_lm": self.lm, "loss_con": self.con}
+        return {k: v for k, v in named.items() if v is not None}
+
     def as_floats(self) -> dict[str, float]:
-        out = {"loss": float(self.total.detach())}
-        if self.lm is not None:
-            out["loss_lm"] = float(self.lm.detach())
-        if self.con is not None:
-            out["loss_con"] = float(self.con.detach())
-        return out
+        return {k: float(v.detach()) for k, v in self.as_dict().items()}
 
 
 class JointLoss(nn.Module):

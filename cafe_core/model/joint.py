@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cafe_core.loss import IGNORE_INDEX, JointLoss, LossParts
+from cafe_core.loss import IGNORE_INDEX, JointLoss
 from cafe_core.model.inputs import Batch
 
 
@@ -65,12 +65,13 @@ class CafeModel(nn.Module):
         keep = targets != IGNORE_INDEX
         return self.hf.lm_head(hidden[lo:hi, :-1][keep]), targets[keep]
 
-    def forward(self, batch: Batch, mode: str = "train") -> LossParts | Tensor:
-        """mode "train": the joint loss of a pairs batch. mode "embed": embeddings of group "a"."""
+    def forward(self, batch: Batch, mode: str = "train") -> dict[str, Tensor] | Tensor:
+        """mode "train": the joint loss of a pairs batch as {loss, loss_lm, loss_con}. mode "embed":
+        the embeddings of group "a"."""
         hidden = self.hidden_states(batch)
         if mode == "embed":
             return self.embeddings(hidden, batch, "a")
         logits, targets = self.lm_logits(hidden, batch) if self.loss.uses_lm else (None, None)
         a = self.embeddings(hidden, batch, "a") if self.loss.uses_con else None
         b = self.embeddings(hidden, batch, "b") if self.loss.uses_con else None
-        return self.loss(logits, targets, a, b)
+        return self.loss(logits, targets, a, b).as_dict()

@@ -37,6 +37,7 @@ from cafe_core.storage import (
 LATEST = "latest.json"
 # Keys of the client state saved with every checkpoint (named once, as torchtune does).
 STEP, WORLD_SIZE, ZERO_STAGE, MODEL_DIGEST = "step", "world_size", "zero_stage", "model_digest"
+CLIENT = "cafe"  # our keys live under one key of DeepSpeed's client state, apart from its own
 
 
 class CheckpointError(RuntimeError):
@@ -88,7 +89,7 @@ class Checkpoints:
         tag = tag_for(step)
         with tempfile.TemporaryDirectory(prefix=f"cafe-ckpt-{rank}-") as tmp:
             root = Path(tmp)
-            engine.save_checkpoint(str(root), tag=tag, client_state={**meta, STEP: step})
+            engine.save_checkpoint(str(root), tag=tag, client_state={CLIENT: {**meta, STEP: step}})
             folder = root / tag
             rng = folder / "rng" / f"rank-{rank:05d}.pt"
             rng.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,7 @@ class Checkpoints:
             if rng.exists():
                 set_rng_state(torch.load(rng, weights_only=False))
             metrics = (folder / "metrics.jsonl").read_bytes() if (folder / "metrics.jsonl").exists() else None
-        return int(client[STEP]), metrics
+        return int(client[CLIENT][STEP]), metrics
 
 
 def read_json_lines(data: bytes | None) -> list[dict]:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import sys
+import warnings
 import socket
 import tempfile
 import time
@@ -92,8 +95,7 @@ class Trainer:
         self.store.check_reachable(self.t.data)
 
     def _setup_distributed(self) -> None:
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -151,6 +153,10 @@ class Trainer:
     def _setup_engine(self) -> None:
         import deepspeed
 
+        if self.t.zero_stage == 3:
+            # image_newline is used by the vision feature packing, outside its owner's forward: have ZeRO-3
+            # gather it for this module's forward whatever the persistence threshold.
+            deepspeed.zero.register_external_parameter(self.model, self.model.hf.model.image_newline)
         o = self.t.optim
         optimizer = torch.optim.AdamW(self.param_groups, betas=o.betas)  # client AdamW: no C++ op to compile
         warmup = int(round(o.warmup_ratio * self.total_steps))
@@ -190,13 +196,13 @@ class Trainer:
                     [r["id"] for r in rows],
                 ).to(self.device)
                 parts = self.engine(batch)
-                self.engine.backward(parts.total)
+                self.engine.backward(parts["loss"])
                 self.engine.step()
                 window_samples += len(rows)
                 window_tokens += batch.num_tokens()
             self.step += 1
             bar.update(1)
-            record = {"step": self.step, **self._mean_over_ranks(parts.as_floats())}
+            record = {"step": self.step, **self._mean_over_ranks({k: float(v.detach()) for k, v in parts.items()})}
             if self.step % self.t.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 record.update(self._throughput(window_samples, window_tokens, elapsed))
@@ -280,6 +286,26 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def import_deepspeed():
+    """DeepSpeed with the CPU accelerator when there is no GPU, without its JIT-compiled shared-memory op
+    (used only by tensor-parallel inference all-reduce, never in training; building it needs a C++
+    compiler and ~40-60 s), and without torch's deprecation warnings about DeepSpeed's own collectives."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    )
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (the module, shadowed by a same-named package attribute)
+
+    comm = sys.modules["deepspeed.comm.torch"]
+    if hasattr(comm, "build_shm_op"):
+        comm.build_shm_op = lambda: None
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    return deepspeed
 
 
 def _free_port() -> int:
