@@ -253,7 +253,9 @@ class TrainConfig(Strict):
     """`cafe train`: CAFe fine-tuning under torchrun + DeepSpeed."""
 
     data: str = "{root}/runs/{run_id}/convert"
-    heldout: str | None = "{root}/datasets/shapes-v1/eval/retrieval"  # retrieval parquet for in-training accuracy
+    # In-training retrieval accuracy: "pairs" holds out the last heldout_size pairs of the training data
+    # (same distribution, never trained on); a URI names a retrieval set (image + caption list parquet).
+    heldout: str | None = "pairs"
     output: str = "{root}/runs/{run_id}/train"
     global_batch_size: int = Field(16, ge=1)  # per optimizer step, over all ranks and accumulation steps
     grad_accum: int = Field(1, ge=1)

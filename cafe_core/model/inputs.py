@@ -48,32 +48,46 @@ class TokenSeq:
 
 
 @dataclass
+class Segment:
+    """A sequence placed in a packed row. It attends causally to itself and, when `prefix` > 0, to the
+    first `prefix` tokens of its row (a shared prompt prefix whose hidden states it reuses); its
+    positions start at `start`. `pool` names the embedding read at its last token."""
+
+    seq: TokenSeq
+    start: int = 0
+    prefix: int = 0
+    pool: str | None = None
+
+
+@dataclass
 class Batch:
-    """Padded model inputs. `groups` names row ranges, e.g. {"lm": (0, 4), "a": (4, 8), "b": (8, 12)}.
-    Rows with image placeholders take the image features in row order; `image_rows_for` says which
-    image (index into pixel_values) each such row uses."""
+    """Padded model inputs. `pool[name]` = (rows, columns) of the tokens whose final hidden states are
+    the named embeddings. Image placeholder blocks take image features in reading order (row by row,
+    left to right); `image_rows_for[k]` is the image (index into pixel_values) of the k-th block.
+    `attention_4d` is set when rows pack several segments (block-causal); otherwise the 2-D mask holds."""
 
     input_ids: Tensor
     attention_mask: Tensor
     position_ids: Tensor
-    groups: dict[str, tuple[int, int]]
+    pool: dict[str, tuple[Tensor, Tensor]]
     targets: Tensor | None = None
+    attention_4d: Tensor | None = None
     pixel_values: Tensor | None = None
     image_sizes: Tensor | None = None
     image_rows_for: list[int] = field(default_factory=list)
+    image_tokens: list[int] = field(default_factory=list)  # per placeholder block, in reading order
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
+    def to(self, device: torch.device | str) -> "Batch":
         def move(t):
-            if t is None:
-                return None
-            t = t.to(device)
-            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            return None if t is None else t.to(device)
 
         return Batch(
             input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
-            position_ids=move(self.position_ids), groups=self.groups, targets=move(self.targets),
+            position_ids=move(self.position_ids),
+            pool={k: (move(r), move(c)) for k, (r, c) in self.pool.items()},
+            targets=move(self.targets), attention_4d=move(self.attention_4d),
             pixel_values=move(self.pixel_values), image_sizes=move(self.image_sizes),
-            image_rows_for=self.image_rows_for,
+            image_rows_for=self.image_rows_for, image_tokens=self.image_tokens,
         )
 
     def num_tokens(self) -> int:
@@ -169,53 +183,87 @@ class InputBuilder:
         return TokenSeq(self.expand_images(before + body[:budget] + after, image_tokens))
 
     # -- batches
-    def pad(self, seqs: Sequence[TokenSeq], groups: dict[str, tuple[int, int]], **extra) -> Batch:
-        length = max(len(s.ids) for s in seqs)
-        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), length), dtype=torch.long)
-        has_targets = any(s.targets is not None for s in seqs)
-        targets = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long) if has_targets else None
-        for i, s in enumerate(seqs):
-            n = len(s.ids)
-            cols = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
-            ids[i, cols] = torch.tensor(s.ids)
-            mask[i, cols] = 1
-            if targets is not None and s.targets is not None:
-                targets[i, cols] = torch.tensor(s.targets)
-        # Positions count real tokens only, so left and right padding give the same result.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return Batch(input_ids=ids, attention_mask=mask, position_ids=positions, groups=groups, targets=targets, **extra)
+    def pack(self, rows: Sequence[Sequence[Segment]], **extra) -> Batch:
+        """Pad rows of segments into one batch. Single-segment rows use the 2-D mask (either padding
+        side); rows with several segments get a block-causal 4-D mask (right padding)."""
+        lengths = [sum(len(seg.seq.ids) for seg in row) for row in rows]
+        width = max(lengths)
+        n = len(rows)
+        packed = any(len(row) > 1 or row[0].prefix or row[0].start for row in rows)
+        left = self.padding_side == "left" and not packed
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        has_targets = any(seg.seq.targets is not None for row in rows for seg in row)
+        targets = torch.full((n, width), IGNORE_INDEX, dtype=torch.long) if has_targets else None
+        allowed = torch.zeros((n, width, width), dtype=torch.bool) if packed else None
+        pool: dict[str, tuple[list[int], list[int]]] = {}
+        for i, row in enumerate(rows):
+            at = width - lengths[i] if left else 0
+            for seg in row:
+                k = len(seg.seq.ids)
+                span = slice(at, at + k)
+                ids[i, span] = torch.tensor(seg.seq.ids)
+                mask[i, span] = 1
+                positions[i, span] = torch.arange(seg.start, seg.start + k)
+                if targets is not None and seg.seq.targets is not None:
+                    targets[i, span] = torch.tensor(seg.seq.targets)
+                if allowed is not None:
+                    allowed[i, span, span] = torch.tril(torch.ones(k, k, dtype=torch.bool))
+                    allowed[i, span, : seg.prefix] = True
+                if seg.pool:
+                    pool.setdefault(seg.pool, ([], []))
+                    pool[seg.pool][0].append(i)
+                    pool[seg.pool][1].append(at + k - 1)
+                at += k
+            if allowed is not None:  # padding attends to itself only: no fully masked (NaN) rows
+                pad = torch.arange(lengths[i], width)
+                allowed[i, pad, pad] = True
+        return Batch(
+            input_ids=ids, attention_mask=mask, position_ids=positions, targets=targets,
+            attention_4d=None if allowed is None else allowed.unsqueeze(1),
+            pool={k: (torch.tensor(r), torch.tensor(c)) for k, (r, c) in pool.items()}, **extra,
+        )
 
-    def pairs_batch(self, images: Sequence[bytes], captions: Sequence[str], conversations: Sequence[Sequence[dict]] | None, ids: Sequence[str] = ()) -> Batch:
-        """One training batch of B pairs: rows [0,B) the LM conversations (when given), then B image
-        prompts, then B caption prompts. Each image is processed once and feeds both of its rows."""
+    def pairs_batch(
+        self, images: Sequence[bytes], captions: Sequence[str], conversations: Sequence[Sequence[dict]] | None,
+        ids: Sequence[str] = (),
+    ) -> Batch:
+        """One training batch of B pairs, one packed row per pair: the LM conversation (when given), the
+        image-embedding prompt and the caption's text-embedding prompt. Each image is processed once.
+        When the conversation starts as the image prompt does (system, user turn opening with the image,
+        the LLaVA convention), the image prompt reuses those tokens' hidden states: only its instruction
+        suffix is added, attending to the shared prefix, so the LLM reads each image's tokens once."""
         pixel_values, image_sizes, counts = self.images(images)
         names = list(ids) or [str(i) for i in range(len(images))]
-        seqs: list[TokenSeq] = []
-        groups: dict[str, tuple[int, int]] = {}
+        rows: list[list[Segment]] = []
         image_rows: list[int] = []
-        b = len(images)
-        if conversations is not None:
-            seqs += [self.conversation(c, n, r) for c, n, r in zip(conversations, counts, names)]
-            groups["lm"] = (0, b)
-            image_rows += list(range(b))
-        start = len(seqs)
-        seqs += [self.prompt(self.prompts.image, image_tokens=[n]) for n in counts]
-        groups["a"] = (start, start + b)
-        image_rows += list(range(b))
-        seqs += [self.prompt(self.prompts.text, c) for c in captions]
-        groups["b"] = (start + b, start + 2 * b)
-        return self.pad(seqs, groups, pixel_values=pixel_values, image_sizes=image_sizes, image_rows_for=image_rows)
+        for i, (n, caption) in enumerate(zip(counts, captions)):
+            image_prompt = self.prompt(self.prompts.image, image_tokens=[n])
+            text = Segment(self.prompt(self.prompts.text, caption), pool="b")
+            if conversations is None:
+                rows.append([Segment(image_prompt, pool="a"), text])
+                image_rows.append(i)
+                continue
+            conv = self.conversation(conversations[i], n, names[i])
+            shared = len(image_prompt.ids) - image_prompt.ids[::-1].index(self.image_token_id)  # through the image
+            if conv.ids[:shared] == image_prompt.ids[:shared]:
+                suffix = Segment(TokenSeq(image_prompt.ids[shared:]), start=shared, prefix=shared, pool="a")
+                image_rows.append(i)
+            else:  # no common prefix: the image prompt stands alone (its image tokens read twice)
+                suffix = Segment(image_prompt, pool="a")
+                image_rows += [i, i]
+            rows.append([Segment(conv), suffix, text])
+        return self.pack(rows, pixel_values=pixel_values, image_sizes=image_sizes, image_rows_for=image_rows,
+                         image_tokens=[counts[i] for i in image_rows])
 
     def images_batch(self, images: Sequence[bytes | Image.Image]) -> Batch:
         pixel_values, image_sizes, counts = self.images(images)
-        seqs = [self.prompt(self.prompts.image, image_tokens=[n]) for n in counts]
-        return self.pad(seqs, {"a": (0, len(seqs))}, pixel_values=pixel_values, image_sizes=image_sizes,
-                        image_rows_for=list(range(len(seqs))))
+        rows = [[Segment(self.prompt(self.prompts.image, image_tokens=[n]), pool="a")] for n in counts]
+        return self.pack(rows, pixel_values=pixel_values, image_sizes=image_sizes, image_rows_for=list(range(len(rows))))
 
     def texts_batch(self, texts: Sequence[str]) -> Batch:
-        seqs = [self.prompt(self.prompts.text, t) for t in texts]
-        return self.pad(seqs, {"a": (0, len(seqs))})
+        return self.pack([[Segment(self.prompt(self.prompts.text, t), pool="a")] for t in texts])
 
     def interleaved_batch(self, items: Sequence[tuple[str, bytes | Image.Image | None]]) -> Batch:
         """MMEB-style inputs: the user text (with <image> where it has an image) as the prompt itself."""
@@ -229,8 +277,8 @@ class InputBuilder:
             if img is not None and IMAGE_TOKEN not in text:
                 text = f"{IMAGE_TOKEN}\n{text}"
             n = [counts[k]] if img is not None else []
-            seqs.append(self.prompt(self.prompts.interleaved, text, image_tokens=n))
+            seqs.append([Segment(self.prompt(self.prompts.interleaved, text, image_tokens=n), pool="a")])
             if img is not None:
                 rows.append(k)
                 k += 1
-        return self.pad(seqs, {"a": (0, len(seqs))}, pixel_values=pixel_values, image_sizes=image_sizes, image_rows_for=rows)
+        return self.pack(seqs, pixel_values=pixel_values, image_sizes=image_sizes, image_rows_for=rows)

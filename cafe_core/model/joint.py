@@ -49,21 +49,21 @@ class CafeModel(nn.Module):
                     "the processor and model disagree (check image_grid_pinpoints)"
                 )
             embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), features)
+        mask = batch.attention_4d if batch.attention_4d is not None else batch.attention_mask
         out = self.hf.model.language_model(
-            inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+            inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
         )
         return out.last_hidden_state
 
-    def embeddings(self, hidden: Tensor, batch: Batch, group: str) -> Tensor:
-        lo, hi = batch.groups[group]
-        return F.normalize(last_token(hidden[lo:hi], batch.attention_mask[lo:hi]).float(), dim=-1)
+    def embeddings(self, hidden: Tensor, batch: Batch, name: str) -> Tensor:
+        rows, cols = batch.pool[name]
+        return F.normalize(hidden[rows, cols].float(), dim=-1)
 
     def lm_logits(self, hidden: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """Logits only where there is a next-token target (saves the vocab projection elsewhere)."""
-        lo, hi = batch.groups["lm"]
-        targets = batch.targets[lo:hi, 1:]
+        targets = batch.targets[:, 1:]
         keep = targets != IGNORE_INDEX
-        return self.hf.lm_head(hidden[lo:hi, :-1][keep]), targets[keep]
+        return self.hf.lm_head(hidden[:, :-1][keep]), targets[keep]
 
     def forward(self, batch: Batch, mode: str = "train") -> dict[str, Tensor] | Tensor:
         """mode "train": the joint loss of a pairs batch as {loss, loss_lm, loss_con}. mode "embed":

@@ -30,6 +30,10 @@ class Heldout:
         return len(self.images)
 
 
+def from_pairs(rows: list[dict]) -> Heldout:
+    return Heldout([r["image"] for r in rows], [r["caption"] for r in rows])
+
+
 def load(store: Storage, uri: str, size: int) -> Heldout:
     """The first `size` images of a retrieval set (Flickr30K test layout), each with its first caption."""
     shards = [o.uri for o in store.list(uri) if o.uri.endswith(".parquet")]

@@ -37,7 +37,7 @@ from cafe_core.model.joint import CafeModel
 from cafe_core.storage import OutputWriter, Storage, join
 from cafe_core.train import heldout as heldout_eval
 from cafe_core.train.checkpoint import MODEL_DIGEST, WORLD_SIZE, ZERO_STAGE, Checkpoints, read_json_lines
-from cafe_core.train.data import BatchOrder, BatchPlan, PairShards
+from cafe_core.train.data import BatchOrder, BatchPlan, DataError, PairShards
 from cafe_core.train.schedule import cosine_with_warmup
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
@@ -82,6 +82,7 @@ class Trainer:
         self._check_config()
         self._setup_distributed()
         self._setup_data()
+        self._find_checkpoint()
         self._setup_model()
         self._setup_engine()
         self._resume()
@@ -111,9 +112,18 @@ class Trainer:
         self.plan = BatchPlan(self.t.global_batch_size, self.t.grad_accum, self.world)
         cache = Path(self.cfg.model.cache_dir).parent / "data" / f"rank-{self.rank}"
         self.shards = PairShards(self.store, self.t.data, cache)
-        self.order = BatchOrder(len(self.shards), self.t.global_batch_size, self.t.seed)
+        n_train = len(self.shards)
+        self.heldout = None
+        if self.t.heldout == "pairs":
+            if len(self.shards) < 2 * self.t.heldout_size:
+                raise DataError(f"{len(self.shards)} pairs cannot spare train.heldout_size={self.t.heldout_size} "
+                                "for held-out accuracy; lower it or set train.heldout=null")
+            n_train -= self.t.heldout_size  # the last pairs are never trained on
+            self.heldout = heldout_eval.from_pairs(self.shards.rows(range(n_train, len(self.shards))))
+        elif self.t.heldout:
+            self.heldout = heldout_eval.load(self.store, self.t.heldout, self.t.heldout_size)
+        self.order = BatchOrder(n_train, self.t.global_batch_size, self.t.seed)
         self.total_steps = self.order.total_steps(self.t.epochs, self.t.max_steps)
-        self.heldout = heldout_eval.load(self.store, self.t.heldout, self.t.heldout_size) if self.t.heldout else None
 
     def _setup_model(self) -> None:
         torch.manual_seed(self.t.seed)
@@ -165,16 +175,21 @@ class Trainer:
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg, self.plan), dist_init_required=False,
         )
+
+    def _find_checkpoint(self) -> None:
+        """Which checkpoint to resume from, checked before any model is built or step taken."""
         self.checkpoints = Checkpoints(self.store, join(self.t.output, "checkpoints"), self.t.keep_checkpoints)
         self.compatibility = {WORLD_SIZE: self.world, ZERO_STAGE: self.t.zero_stage,
                               MODEL_DIGEST: self.cfg.model.model_dump_json()}
+        found = self.checkpoints.resolve(self.t.resume)
+        if found is not None:
+            self.checkpoints.check_compatible(found[1], self.compatibility)
+        self.resume_from = found[0] if found else None
 
     def _resume(self) -> None:
-        found = self.checkpoints.resolve(self.t.resume)
-        if found is None:
+        if self.resume_from is None:
             return
-        uri, meta = found
-        self.checkpoints.check_compatible(meta, self.compatibility)
+        uri = self.resume_from
         self.step, metrics = self.checkpoints.load(self.engine, uri)
         self.metrics = [m for m in read_json_lines(metrics) if m["step"] <= self.step]
         self._say(f"resumed from {uri} at step {self.step}")
