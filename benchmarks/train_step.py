@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_step.py                 # batch 8, 20 timed steps each, 2 threads
     .venv/bin/python benchmarks/train_step.py --batch 16 --steps 30
+    .venv/bin/python benchmarks/train_step.py --tiny vision_hidden=128 vision_layers=6   # other tiny shapes
 
 The reference-style step is the public reference's structure (SPEC section 2): three forwards per step
 (the LM pass, the image-embedding prompt, the text-embedding prompt with an all-zero image so that ZeRO-3
@@ -78,9 +79,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tiny", nargs="*", default=[], metavar="key=value", help="model.tiny overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, processor = build(ModelConfig())
+    tiny = dict(item.split("=", 1) for item in args.tiny)
+    model, processor = build(ModelConfig(tiny={k: int(v) for k, v in tiny.items()}))
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    llm = sum(p.numel() for p in model.model.language_model.parameters())
+    print(f"tiny model {tiny or 'defaults'}: vision tower {vision:,} parameters, LLM {llm:,}")
     loss = JointLoss(a_lm=1.0, a_con=10.0)
     ours = CafeModel(model, loss)
     builder = InputBuilder(processor, PromptConfig(), 512)

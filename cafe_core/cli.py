@@ -74,18 +74,18 @@ def _validate(cfg: CafeConfig, store: Storage) -> str:
 
 
 def _train(cfg: CafeConfig, store: Storage) -> str:
-    from cafe_core.train.launch import in_torchrun, torchrun
-
-    if cfg.train.nproc_per_node > 1 and not in_torchrun():
-        print(f"train: {cfg.train.nproc_per_node} processes under torchrun", flush=True)
-        if torchrun(cfg, store, ["train"]) != 0:
-            raise StageFailed(f"train: a training process failed; checkpoints under {cfg.train.output}/checkpoints")
-        return f"{cfg.train.output}/final"
     from cafe_core.train.checkpoint import CheckpointError
     from cafe_core.train.data import DataError
-    from cafe_core.train.trainer import run
+    from cafe_core.train.launch import in_torchrun, torchrun
+    from cafe_core.train.trainer import preflight, run
 
     try:
+        if cfg.train.nproc_per_node > 1 and not in_torchrun():
+            preflight(cfg, store, world=cfg.train.nproc_per_node)  # fail here, not in every child
+            print(f"train: {cfg.train.nproc_per_node} processes under torchrun", flush=True)
+            if torchrun(cfg, store, ["train"]) != 0:
+                raise StageFailed(f"train: a training process failed; checkpoints under {cfg.train.output}/checkpoints")
+            return f"{cfg.train.output}/final"
         result = run(cfg, store)
     except (DataError, CheckpointError) as e:
         raise ConfigError(str(e)) from None
@@ -115,7 +115,7 @@ def _with_store(stage: Callable[[CafeConfig, Storage], str]):
 
 
 def cmd_run(args) -> None:
-    """The main job on the embedded default: synth -> convert -> validate, then where everything went."""
+    """The main job on the embedded default: synth -> convert -> validate -> train, then where everything went."""
     cfg = _config(args)
     with connect(cfg.s3, _uris(cfg)) as store:
         print(f"run {cfg.run_id} (config {cfg.digest()})")
@@ -124,11 +124,14 @@ def cmd_run(args) -> None:
         synth = _synth(cfg, store)
         converted = _convert(cfg, store)
         validated = _validate(cfg, store)
+        trained = _train(cfg, store)
         print("\nWhere everything went:")
         print(f"  synthetic data     {synth}/  (train/, eval/)")
         print(f"  converted pairs    {converted}/pairs/")
         print(f"  rejects, stats     {converted}/rejects.jsonl  {converted}/stats.json")
         print(f"  validation         {validated}/summary.txt  {validated}/data_docs/index.html")
+        print(f"  checkpoints        {cfg.train.output}/checkpoints/  (latest.json)")
+        print(f"  trained model      {trained}/model/  {trained}/metrics.jsonl  {trained}/loss_curve.png")
         if store.endpoint_url and is_s3(cfg.root):
             print(browse_hint(store.endpoint_url, f"{cfg.root}/runs/{cfg.run_id}/"))
             print("  (the embedded server stops with this command; `cafe s3 serve` keeps one running)")
@@ -225,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.set_defaults(fn=fn)
 
-    add("run", cmd_run, "run the main job (synth -> convert -> validate) and print where everything went")
+    add("run", cmd_run, "run the main job (synth -> convert -> validate -> train) and print where everything went")
     data = sub.add_parser("data", help="synthetic data").add_subparsers(dest="data_command", required=True)
     add("synth", _with_store(_synth), "generate the synthetic shapes-world datasets", data)
     add("convert", _with_store(_convert), "convert training data into image-text pair shards")

@@ -34,7 +34,7 @@ from cafe_core.loss import JointLoss
 from cafe_core.model.build import build, save
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.joint import CafeModel
-from cafe_core.storage import OutputWriter, Storage, join
+from cafe_core.storage import OutputWriter, Storage, join, read_manifest
 from cafe_core.train import heldout as heldout_eval
 from cafe_core.train.checkpoint import MODEL_DIGEST, WORLD_SIZE, ZERO_STAGE, Checkpoints, read_json_lines
 from cafe_core.train.data import BatchOrder, BatchPlan, DataError, PairShards
@@ -69,6 +69,31 @@ def deepspeed_config(cfg: CafeConfig, plan: BatchPlan) -> dict[str, Any]:
     return ds
 
 
+def preflight(cfg: CafeConfig, store: Storage, world: int) -> None:
+    """Every check that can fail before work starts, with the fix in the message: run once by the
+    launcher before it starts processes, and again by each process."""
+    t = cfg.train
+    if t.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        raise ConfigError("train.precision=bf16 needs a GPU with bf16 support; use train.precision=fp32 on this machine")
+    if t.loss.mode == "interleaved":
+        raise ConfigError("train.loss.mode=interleaved needs interleaved training data; the pairs datasets of "
+                          "`cafe convert` train with train.loss.mode=pairs")
+    if not (t.parts.vision or t.parts.projector or t.parts.llm or t.loss.learnable_temperature):
+        raise ConfigError("train.parts freezes every part: nothing to train")
+    store.check_reachable(t.data)
+    BatchPlan(t.global_batch_size, t.grad_accum, world)
+    read_manifest(store, t.data)  # the converted pairs exist and are committed
+    checkpoints = Checkpoints(store, join(t.output, "checkpoints"), t.keep_checkpoints)
+    found = checkpoints.resolve(t.resume)
+    if found is not None:
+        checkpoints.check_compatible(found[1], compatibility(cfg, world))
+
+
+def compatibility(cfg: CafeConfig, world: int) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it."""
+    return {WORLD_SIZE: world, ZERO_STAGE: cfg.train.zero_stage, MODEL_DIGEST: cfg.model.model_dump_json()}
+
+
 class Trainer:
     def __init__(self, cfg: CafeConfig, store: Storage):
         self.cfg, self.t, self.store = cfg, cfg.train, store
@@ -79,21 +104,13 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        self._check_config()
         self._setup_distributed()
+        preflight(self.cfg, self.store, self.world)
         self._setup_data()
         self._find_checkpoint()
         self._setup_model()
         self._setup_engine()
         self._resume()
-
-    def _check_config(self) -> None:
-        if self.t.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-            raise ConfigError("train.precision=bf16 needs a GPU with bf16 support; use train.precision=fp32 on this machine")
-        if self.t.loss.mode == "interleaved":
-            raise ConfigError("train.loss.mode=interleaved needs interleaved training data; the pairs datasets of "
-                              "`cafe convert` train with train.loss.mode=pairs")
-        self.store.check_reachable(self.t.data)
 
     def _setup_distributed(self) -> None:
         deepspeed = import_deepspeed()
@@ -179,11 +196,8 @@ class Trainer:
     def _find_checkpoint(self) -> None:
         """Which checkpoint to resume from, checked before any model is built or step taken."""
         self.checkpoints = Checkpoints(self.store, join(self.t.output, "checkpoints"), self.t.keep_checkpoints)
-        self.compatibility = {WORLD_SIZE: self.world, ZERO_STAGE: self.t.zero_stage,
-                              MODEL_DIGEST: self.cfg.model.model_dump_json()}
+        self.compatibility = compatibility(self.cfg, self.world)
         found = self.checkpoints.resolve(self.t.resume)
-        if found is not None:
-            self.checkpoints.check_compatible(found[1], self.compatibility)
         self.resume_from = found[0] if found else None
 
     def _resume(self) -> None:
