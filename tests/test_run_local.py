@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.s3, pytest.mark.slow]
 SMALL = [
     "synth.train_size=300", "synth.train_shard_rows=120", "synth.retrieval_images=10", "synth.pope_images=5",
     "synth.mmeb_rows_per_dataset=4", "synth.mc_questions=8", "synth.caption_images=5", "synth.bad_fraction=0.03",
-    "validate.min_rows=100",
+    "validate.min_rows=100", "train.max_steps=3", "train.heldout_size=16", "train.eval_every=3",
+    "train.checkpoint_every=2", "train.max_length=256",
 ]
 
 
@@ -34,13 +35,18 @@ def test_run_end_to_end(root):
     out = cafe("run", "--config", "configs/local.yaml", f"root={root}", "run_id=it1", *SMALL)
     assert out.returncode == 0, out.stdout + out.stderr
     run = f"{root}/runs/it1"
-    for where in (f"{root}/datasets/shapes-v1", f"{run}/convert/", f"{run}/validate/summary.txt", f"{run}/validate/data_docs/index.html"):
+    for where in (f"{root}/datasets/shapes-v1", f"{run}/convert/", f"{run}/validate/summary.txt",
+                  f"{run}/validate/data_docs/index.html", f"{run}/train/final/model/", f"{run}/train/checkpoints/"):
         assert where in out.stdout, where
+    assert "train: 2 processes under torchrun" in out.stdout
     store = Storage()
     synth = verify_output(store, f"{root}/datasets/shapes-v1")
     converted = verify_output(store, f"{run}/convert")
     validated = verify_output(store, f"{run}/validate")
     assert validated.meta["success"] is True
+    trained = verify_output(store, f"{run}/train/final")  # the 2-process run wrote its model to S3
+    assert trained.meta["steps"] == 3 and "model/model.safetensors" in trained.names()
+    assert store.read_json(f"{run}/train/checkpoints/latest.json")["step"] == 2
 
     stats = json.loads(store.read_bytes(f"{run}/convert/stats.json"))
     bad = sum(synth.meta["bad_rows"].values())

@@ -231,31 +231,40 @@ class InputBuilder:
     ) -> Batch:
         """One training batch of B pairs, one packed row per pair: the LM conversation (when given), the
         image-embedding prompt and the caption's text-embedding prompt. Each image is processed once.
-        When the conversation starts as the image prompt does (system, user turn opening with the image,
-        the LLaVA convention), the image prompt reuses those tokens' hidden states: only its instruction
-        suffix is added, attending to the shared prefix, so the LLM reads each image's tokens once."""
+        A prompt that begins with the same tokens as the row's first sequence (the system turn, and for
+        the image prompt the user turn's opening image, the LLaVA convention) reuses their hidden states:
+        only its remaining tokens are added, attending to that shared prefix, so the LLM reads each image's
+        tokens once. The result is exactly that of separate forwards."""
         pixel_values, image_sizes, counts = self.images(images)
         names = list(ids) or [str(i) for i in range(len(images))]
         rows: list[list[Segment]] = []
         image_rows: list[int] = []
         for i, (n, caption) in enumerate(zip(counts, captions)):
             image_prompt = self.prompt(self.prompts.image, image_tokens=[n])
-            text = Segment(self.prompt(self.prompts.text, caption), pool="b")
+            text_prompt = self.prompt(self.prompts.text, caption)
             if conversations is None:
-                rows.append([Segment(image_prompt, pool="a"), text])
-                image_rows.append(i)
-                continue
-            conv = self.conversation(conversations[i], n, names[i])
-            shared = len(image_prompt.ids) - image_prompt.ids[::-1].index(self.image_token_id)  # through the image
-            if conv.ids[:shared] == image_prompt.ids[:shared]:
-                suffix = Segment(TokenSeq(image_prompt.ids[shared:]), start=shared, prefix=shared, pool="a")
-                image_rows.append(i)
-            else:  # no common prefix: the image prompt stands alone (its image tokens read twice)
-                suffix = Segment(image_prompt, pool="a")
-                image_rows += [i, i]
-            rows.append([Segment(conv), suffix, text])
+                first, rest = Segment(image_prompt, pool="a"), [self.after_shared(image_prompt, text_prompt, "b")]
+            else:
+                conv = self.conversation(conversations[i], n, names[i])
+                first = Segment(conv)
+                rest = [self.after_shared(conv, image_prompt, "a"), self.after_shared(conv, text_prompt, "b")]
+            row = [first, *rest]
+            image_rows += [i for seg in row if self.image_token_id in seg.seq.ids]  # one block per segment
+            rows.append(row)
         return self.pack(rows, pixel_values=pixel_values, image_sizes=image_sizes, image_rows_for=image_rows,
                          image_tokens=[counts[i] for i in image_rows])
+
+    def after_shared(self, first: TokenSeq, seq: TokenSeq, pool: str) -> Segment:
+        """`seq` as a segment that reuses its longest common prefix with `first` (never a part of an image
+        block, and at least one token of its own to pool)."""
+        k = 0
+        limit = min(len(first.ids), len(seq.ids) - 1)
+        while k < limit and first.ids[k] == seq.ids[k]:
+            k += 1
+        image = self.image_token_id
+        while 0 < k < len(seq.ids) and seq.ids[k] == image and seq.ids[k - 1] == image:
+            k -= 1  # the cut falls inside an image block: keep the whole block in this segment
+        return Segment(TokenSeq(seq.ids[k:]), start=k, prefix=k, pool=pool)
 
     def images_batch(self, images: Sequence[bytes | Image.Image]) -> Batch:
         pixel_values, image_sizes, counts = self.images(images)
