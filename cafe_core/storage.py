@@ -154,6 +154,11 @@ class Storage:
             credentials=credentials,
         )
 
+    @property
+    def credentials(self) -> dict[str, str]:
+        """Keys given explicitly (the embedded server's placeholders); empty when boto3 finds its own."""
+        return dict(self._credentials)
+
     def __getstate__(self) -> dict:  # picklable for worker processes: the client is rebuilt there
         state = self.__dict__.copy()
         state["_client"] = None

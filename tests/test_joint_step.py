@@ -3,7 +3,6 @@ same loss and gradients whether the batch is on one rank or split over two."""
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from cafe_core.loss import IGNORE_INDEX, JointLoss
 from cafe_core.model.build import build
 from cafe_core.model.inputs import IMAGE_TOKEN, InputBuilder, InputError, Segment
 from cafe_core.model.joint import CafeModel, last_token
+from cafe_core.ports import free_port
 
 PROMPTS = PromptConfig()
 
@@ -174,16 +174,11 @@ def _rank_main(rank: int, world: int, port: int, result_path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_processes_of_4_equal_one_process_of_8(tmp_path):
     single, single_grads = _loss_and_grads(slice(None))
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path / "rank0.pt")), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), str(tmp_path / "rank0.pt")), nprocs=2, join=True)
     losses, grads = torch.load(tmp_path / "rank0.pt")
     assert losses == pytest.approx([single["loss"], single["loss_lm"], single["loss_con"]], rel=1e-5)
     assert grads.keys() == single_grads.keys() and len(grads) > 20

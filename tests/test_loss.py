@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from cafe_core.loss import IGNORE_INDEX, InfoNCE, JointLoss, lm_loss
+from cafe_core.ports import free_port
 
 EYE = torch.eye(2)
 SWAP = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
@@ -126,17 +126,12 @@ def _rank_main(rank: int, world: int, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_ranks_equal_one_rank_holding_the_global_batch():
     single, single_grads = _loss_and_grads(slice(None))
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.spawn(_rank_main, args=(2, _free_port(), queue), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), queue), nprocs=2, join=True)
     by_rank = {rank: (values, grads) for rank, values, grads in (queue.get() for _ in range(2))}
     losses, grads = by_rank[0]
     assert losses == pytest.approx([single.total.item(), single.lm.item(), single.con.item()], rel=1e-5)

@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import warnings
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from cafe_core.loss import JointLoss
 from cafe_core.model.build import build, save
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.joint import CafeModel
+from cafe_core.ports import free_port
 from cafe_core.storage import OutputWriter, Storage, join, read_manifest
 from cafe_core.train import heldout as heldout_eval
 from cafe_core.train.checkpoint import MODEL_DIGEST, WORLD_SIZE, ZERO_STAGE, Checkpoints, read_json_lines
@@ -120,7 +120,7 @@ class Trainer:
         if not dist.is_initialized():
             if "WORLD_SIZE" not in os.environ:  # a plain single process: a world of one on loopback
                 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=str(_free_port()))
+                                  MASTER_PORT=str(free_port()))
             deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -336,11 +336,6 @@ def import_deepspeed():
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     return deepspeed
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _json_lines(rows: list[dict]) -> bytes:
