@@ -204,13 +204,16 @@ class PromptConfig(Strict):
     image: str = "<image>\nCompress this image in one word:"
     text: str = "{text}Compress this sentence in one word:"
     interleaved: str = "{text}"  # MMEB-style query/target: the user text itself, with <image> where it has one
+    # The query side of a pair in interleaved mode (train.loss.mode=interleaved); the caption is the target.
+    pair_query: str = "<image>\nRepresent the given image."
     # Appended after the generation prompt "<|im_start|>assistant\n"; the reference ends with <|im_end|>.
     assistant_suffix: str = "<|im_end|>"
 
     @model_validator(mode="after")
     def _placeholders(self) -> "PromptConfig":
-        if "<image>" not in self.image:
-            raise ValueError("prompts.image must contain <image>")
+        for name in ("image", "pair_query"):
+            if "<image>" not in getattr(self, name):
+                raise ValueError(f"prompts.{name} must contain <image>")
         for name in ("text", "interleaved"):
             if "{text}" not in getattr(self, name):
                 raise ValueError(f"prompts.{name} must contain {{text}}")
@@ -222,7 +225,8 @@ class LossConfig(Strict):
     a_con: float = Field(10.0, ge=0)
     temperature: float = Field(0.05, gt=0)
     learnable_temperature: bool = False
-    # pairs: image vs caption embeddings. interleaved: query vs target inputs (MMEB-style training).
+    # pairs: "Compress this image/sentence" prompts for image and caption. interleaved: MMEB-style inputs,
+    # the query (image + prompts.pair_query text) against the target (the caption as plain user text).
     mode: Literal["pairs", "interleaved"] = "pairs"
 
     @model_validator(mode="after")

@@ -187,3 +187,24 @@ def test_two_processes_of_4_equal_one_process_of_8(tmp_path):
         # summation order differs: allow 1e-4 of each tensor's largest entry over a float32 noise floor
         scale = float(ref.abs().max()) or 1.0
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-4 * scale + 1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_interleaved_mode_uses_mmeb_style_inputs(tiny):
+    """train.loss.mode=interleaved: query = image + instruction as plain user text, target = the caption;
+    packed rows still equal separate forwards of those inputs."""
+    model, processor = tiny
+    step = CafeModel(model, JointLoss(a_lm=1.0, a_con=1.0)).eval()
+    builder = InputBuilder(processor, PROMPTS, 512)
+    images, captions, convs = records(2, seed=7)
+    decode = processor.tokenizer.decode
+    query, target = builder.pair_prompts(3, captions[0], "interleaved")
+    assert decode(query.ids).endswith("<image><image><image>\nRepresent the given image.<|im_end|>\n<|im_start|>assistant\n<|im_end|>")
+    assert "Compress" not in decode(query.ids) + decode(target.ids) and captions[0] in decode(target.ids)
+    with torch.no_grad():
+        packed = builder.pairs_batch(images, captions, convs, mode="interleaved")
+        hidden = step.hidden_states(packed)
+        separate_q = step(builder.interleaved_batch([(PROMPTS.pair_query, img) for img in images]), mode="embed")
+        separate_t = step(builder.interleaved_batch([(c, None) for c in captions]), mode="embed")
+        torch.testing.assert_close(step.embeddings(hidden, packed, "a"), separate_q, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(step.embeddings(hidden, packed, "b"), separate_t, rtol=1e-4, atol=1e-5)
+        assert torch.isfinite(step(packed)["loss_con"])

@@ -137,3 +137,14 @@ def test_incompatible_checkpoint_is_refused(data_root):
     assert out.returncode == 0, out.stderr[-2000:]
     again = cafe("train", *args(data_root, "compat", "train.max_steps=4", "train.zero_stage=3", "train.heldout=null"))
     assert again.returncode == 2 and "zero_stage: checkpoint has 2, this run has 3" in again.stderr
+
+
+@pytest.mark.parametrize("extra", [["train.loss.mode=interleaved"], ["train.loss.a_lm=0"], ["train.loss.a_con=0"]])
+def test_loss_modes_train_on_one_process(data_root, extra):
+    """MMEB-style interleaved inputs, contrastive-only and LM-only runs all train and log their parts."""
+    name = "mode-" + extra[0].split("=")[0].rsplit(".", 1)[1]
+    out = cafe("train", *args(data_root, name, "train.nproc_per_node=1", "train.max_steps=2", *extra))
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = json.loads((data_root / name / "final" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ("loss_lm" in last) == ("a_lm=0" not in extra[0]) and ("loss_con" in last) == ("a_con=0" not in extra[0])
+    assert "heldout/i2t_top1" in last

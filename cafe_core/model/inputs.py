@@ -227,7 +227,7 @@ class InputBuilder:
 
     def pairs_batch(
         self, images: Sequence[bytes], captions: Sequence[str], conversations: Sequence[Sequence[dict]] | None,
-        ids: Sequence[str] = (),
+        ids: Sequence[str] = (), mode: str = "pairs",
     ) -> Batch:
         """One training batch of B pairs, one packed row per pair: the LM conversation (when given), the
         image-embedding prompt and the caption's text-embedding prompt. Each image is processed once.
@@ -240,8 +240,7 @@ class InputBuilder:
         rows: list[list[Segment]] = []
         image_rows: list[int] = []
         for i, (n, caption) in enumerate(zip(counts, captions)):
-            image_prompt = self.prompt(self.prompts.image, image_tokens=[n])
-            text_prompt = self.prompt(self.prompts.text, caption)
+            image_prompt, text_prompt = self.pair_prompts(n, caption, mode)
             if conversations is None:
                 first, rest = Segment(image_prompt, pool="a"), [self.after_shared(image_prompt, text_prompt, "b")]
             else:
@@ -253,6 +252,13 @@ class InputBuilder:
             rows.append(row)
         return self.pack(rows, pixel_values=pixel_values, image_sizes=image_sizes, image_rows_for=image_rows,
                          image_tokens=[counts[i] for i in image_rows])
+
+    def pair_prompts(self, image_tokens: int, caption: str, mode: str) -> tuple[TokenSeq, TokenSeq]:
+        """The two sides of a pair: "Compress" prompts (pairs mode) or MMEB-style inputs (interleaved)."""
+        if mode == "interleaved":
+            query = self.prompt(self.prompts.interleaved, self.prompts.pair_query, image_tokens=[image_tokens])
+            return query, self.prompt(self.prompts.interleaved, caption)
+        return self.prompt(self.prompts.image, image_tokens=[image_tokens]), self.prompt(self.prompts.text, caption)
 
     def after_shared(self, first: TokenSeq, seq: TokenSeq, pool: str) -> Segment:
         """`seq` as a segment that reuses its longest common prefix with `first` (never a part of an image
@@ -266,13 +272,13 @@ class InputBuilder:
             k -= 1  # the cut falls inside an image block: keep the whole block in this segment
         return Segment(TokenSeq(seq.ids[k:]), start=k, prefix=k, pool=pool)
 
-    def images_batch(self, images: Sequence[bytes | Image.Image]) -> Batch:
+    def images_batch(self, images: Sequence[bytes | Image.Image], mode: str = "pairs") -> Batch:
         pixel_values, image_sizes, counts = self.images(images)
-        rows = [[Segment(self.prompt(self.prompts.image, image_tokens=[n]), pool="a")] for n in counts]
+        rows = [[Segment(self.pair_prompts(n, "", mode)[0], pool="a")] for n in counts]
         return self.pack(rows, pixel_values=pixel_values, image_sizes=image_sizes, image_rows_for=list(range(len(rows))))
 
-    def texts_batch(self, texts: Sequence[str]) -> Batch:
-        return self.pack([[Segment(self.prompt(self.prompts.text, t), pool="a")] for t in texts])
+    def texts_batch(self, texts: Sequence[str], mode: str = "pairs") -> Batch:
+        return self.pack([[Segment(self.pair_prompts(0, t, mode)[1], pool="a")] for t in texts])
 
     def interleaved_batch(self, items: Sequence[tuple[str, bytes | Image.Image | None]]) -> Batch:
         """MMEB-style inputs: the user text (with <image> where it has an image) as the prompt itself."""

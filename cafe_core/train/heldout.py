@@ -66,7 +66,7 @@ def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def i2t_top1(engine, builder: InputBuilder, heldout: Heldout, device, rank: int, world: int) -> float:
+def i2t_top1(engine, builder: InputBuilder, heldout: Heldout, device, rank: int, world: int, mode: str = "pairs") -> float:
     n = len(heldout)
     share = math.ceil(n / world)
     # Equal shares on every rank: the last rank repeats its last item, dropped after the gather.
@@ -74,8 +74,8 @@ def i2t_top1(engine, builder: InputBuilder, heldout: Heldout, device, rank: int,
     chunks = [idx[i : i + EMBED_BATCH] for i in range(0, share, EMBED_BATCH)]
     engine.eval()
     try:
-        img = _embed(engine, (builder.images_batch([heldout.images[i] for i in c]) for c in chunks), device)
-        txt = _embed(engine, (builder.texts_batch([heldout.captions[i] for i in c]) for c in chunks), device)
+        img = _embed(engine, (builder.images_batch([heldout.images[i] for i in c], mode) for c in chunks), device)
+        txt = _embed(engine, (builder.texts_batch([heldout.captions[i] for i in c], mode) for c in chunks), device)
     finally:
         engine.train()
     img, txt = _gather(img, world)[:n], _gather(txt, world)[:n]

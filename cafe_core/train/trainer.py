@@ -75,9 +75,6 @@ def preflight(cfg: CafeConfig, store: Storage, world: int) -> None:
     t = cfg.train
     if t.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         raise ConfigError("train.precision=bf16 needs a GPU with bf16 support; use train.precision=fp32 on this machine")
-    if t.loss.mode == "interleaved":
-        raise ConfigError("train.loss.mode=interleaved needs interleaved training data; the pairs datasets of "
-                          "`cafe convert` train with train.loss.mode=pairs")
     if not (t.parts.vision or t.parts.projector or t.parts.llm or t.loss.learnable_temperature):
         raise ConfigError("train.parts freezes every part: nothing to train")
     store.check_reachable(t.data)
@@ -222,7 +219,7 @@ class Trainer:
                 batch = self.builder.pairs_batch(
                     [r["image"] for r in rows], [r["caption"] for r in rows],
                     [r["conversations"] for r in rows] if self.model.loss.uses_lm else None,
-                    [r["id"] for r in rows],
+                    [r["id"] for r in rows], mode=self.t.loss.mode,
                 ).to(self.device)
                 parts = self.engine(batch)
                 self.engine.backward(parts["loss"])
@@ -238,7 +235,8 @@ class Trainer:
                 window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
                 self._say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             if self.heldout and (self.step % self.t.eval_every == 0 or self.step == self.total_steps):
-                acc = heldout_eval.i2t_top1(self.engine, self.builder, self.heldout, self.device, self.rank, self.world)
+                acc = heldout_eval.i2t_top1(self.engine, self.builder, self.heldout, self.device, self.rank, self.world,
+                                            self.t.loss.mode)
                 record.update({"heldout/i2t_top1": acc, "heldout/chance": chance})
                 self._say(f"step {self.step}: held-out image->text top-1 {acc:.3f} (chance {chance:.3f})")
             self.metrics.append(record)
