@@ -148,3 +148,10 @@ def test_loss_modes_train_on_one_process(data_root, extra):
     last = json.loads((data_root / name / "final" / "metrics.jsonl").read_text().splitlines()[-1])
     assert ("loss_lm" in last) == ("a_lm=0" not in extra[0]) and ("loss_con" in last) == ("a_con=0" not in extra[0])
     assert "heldout/i2t_top1" in last
+
+
+def test_mfu_peaks_by_device_name():
+    from cafe_core.train.trainer import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert peak_tflops("cpu") is None

@@ -69,6 +69,14 @@ def deepspeed_config(cfg: CafeConfig, plan: BatchPlan) -> dict[str, Any]:
     return ds
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s) by device name, for the MFU estimate; train.peak_tflops overrides.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+
+
 def preflight(cfg: CafeConfig, store: Storage, world: int) -> None:
     """Every check that can fail before work starts, with the fix in the message: run once by the
     launcher before it starts processes, and again by each process."""
@@ -259,9 +267,10 @@ class Trainer:
             dist.all_reduce(sums)
         out = {"lr": self.optimizer.param_groups[0]["lr"], **lrs,
                "samples_per_s": float(sums[0]) / seconds, "tokens_per_s": float(sums[1]) / seconds}
-        if self.device.type == "cuda" and self.t.peak_tflops:
+        peak = self.t.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if self.device.type == "cuda" else None)
+        if peak:
             # nanoGPT-style estimate: 6 FLOPs per parameter per token (forward + backward).
-            out["mfu"] = 6 * self.n_params * out["tokens_per_s"] / (self.t.peak_tflops * 1e12 * self.world)
+            out["mfu"] = 6 * self.n_params * out["tokens_per_s"] / (peak * 1e12 * self.world)
         return out
 
     def save_checkpoint(self) -> None:
