@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 import tempfile
@@ -132,8 +133,9 @@ class Trainer:
 
     def _setup_data(self) -> None:
         self.plan = BatchPlan(self.t.global_batch_size, self.t.grad_accum, self.world)
-        cache = Path(self.cfg.model.cache_dir).parent / "data" / f"rank-{self.rank}"
-        self.shards = PairShards(self.store, self.t.data, cache)
+        # A private local copy of the shards for this process, removed in cleanup().
+        self._data_dir = tempfile.mkdtemp(prefix=f"cafe-data-rank{self.rank}-")
+        self.shards = PairShards(self.store, self.t.data, self._data_dir)
         n_train = len(self.shards)
         self.heldout = None
         if self.t.heldout == "pairs":
@@ -319,8 +321,10 @@ class Trainer:
             tqdm.write(text)
 
     def cleanup(self) -> None:
+        """Local files and the process group go, whatever happened (no barrier: a failed rank may be gone)."""
+        if getattr(self, "_data_dir", None):
+            shutil.rmtree(self._data_dir, ignore_errors=True)
         if dist.is_initialized():
-            dist.barrier()
             dist.destroy_process_group()
 
 
@@ -351,8 +355,8 @@ def _json_lines(rows: list[dict]) -> bytes:
 
 def run(cfg: CafeConfig, store: Storage) -> TrainResult:
     trainer = Trainer(cfg, store)
-    trainer.setup()
     try:
+        trainer.setup()
         return trainer.train()
     finally:
         trainer.cleanup()
