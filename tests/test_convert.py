@@ -302,3 +302,11 @@ def test_random_sampling_is_seeded_and_sized():
 def test_bad_sampling_strategy(bad):
     with pytest.raises(SourceError, match="sampling_strategy"):
         parse_strategy(bad, 10, seed=0)
+
+
+def test_conversation_with_two_image_placeholders_is_multi_image(tmp_path):
+    conv = [{"from": "human", "value": "<image>\n<image>\nCompare."}, {"from": "gpt", "value": "Same."}]
+    src = tmp_path / "src"
+    write_parquet(src, "a.parquet", good_rows(2) + [row(50, conversations=conv)])
+    run(tmp_path, [pq_source(src)])
+    assert [(r["id"], r["reason"]) for r in rejects(tmp_path)] == [("r0050", R.MULTI_IMAGE)]

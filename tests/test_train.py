@@ -119,6 +119,7 @@ def test_killed_run_resumes_to_the_same_losses(data_root, zero_stage):
         (["train.loss.a_lm=0", "train.loss.a_con=0"], "nothing to train"),
         (["train.data=s3://cafe/x", "s3.embedded=never", "s3.endpoint_url=http://127.0.0.1:9"], "unreachable"),
         (["train.parts.vision=false", "train.parts.projector=false", "train.parts.llm=false"], "nothing to train"),
+        (["train.max_length=64", "train.nproc_per_node=1"], "the largest image takes"),
     ],
 )
 def test_clear_errors_before_any_work(data_root, extra, message, monkeypatch):

@@ -128,6 +128,9 @@ def parse_conversations(conv: Any) -> list[dict[str, str]]:
         turns.append({"from": role, "value": value})
     if not turns:
         raise Reject(MISSING_CONVERSATIONS, "conversations is an empty list")
+    placeholders = sum(t["value"].count("<image>") for t in turns)
+    if placeholders > 1:
+        raise Reject(MULTI_IMAGE, f"{placeholders} <image> placeholders in the conversation; pairs take one image")
     return turns
 
 

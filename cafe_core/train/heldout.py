@@ -13,11 +13,12 @@ import torch.distributed as dist
 
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.storage import Storage
+from cafe_core.train.data import DataError
 
 EMBED_BATCH = 16
 
 
-class HeldoutError(ValueError):
+class HeldoutError(DataError):
     pass
 
 

@@ -157,8 +157,21 @@ class Trainer:
         loss = JointLoss(self.t.loss.a_lm, self.t.loss.a_con, self.t.loss.temperature, self.t.loss.learnable_temperature)
         self.model = CafeModel(hf, loss)
         self.builder = InputBuilder(self.processor, self.t.prompts, self.t.max_length)
+        self._check_max_length()
         self.param_groups = self._param_groups(hf)
         self.n_params = sum(p.numel() for p in hf.parameters())
+
+    def _check_max_length(self) -> None:
+        """The largest image the processor can produce must fit in max_length with room for its prompt,
+        so that no valid pair can fail at collation in the middle of a run."""
+        pinpoints = self.processor.image_processor.image_grid_pinpoints
+        largest = max(self.processor._get_num_multimodal_tokens(image_sizes=[tuple(p) for p in pinpoints])["num_image_tokens"])
+        prompt = len(self.builder.prompt(self.t.prompts.image, image_tokens=[1]).ids)
+        if largest + prompt >= self.t.max_length:
+            raise ConfigError(
+                f"train.max_length={self.t.max_length} leaves no room: the largest image takes {largest} tokens and "
+                f"the image prompt {prompt} more; raise train.max_length above {largest + prompt}"
+            )
 
     def _param_groups(self, hf) -> list[dict]:
         """Separate learning rates for vision tower, projector and LLM; frozen parts get no group."""
