@@ -78,9 +78,9 @@ def peak_tflops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
 
-def preflight(cfg: CafeConfig, store: Storage, world: int) -> None:
+def preflight(cfg: CafeConfig, store: Storage, world: int) -> str | None:
     """Every check that can fail before work starts, with the fix in the message: run once by the
-    launcher before it starts processes, and again by each process."""
+    launcher before it starts processes, and again by each process. Returns the checkpoint to resume."""
     t = cfg.train
     if t.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         raise ConfigError("train.precision=bf16 needs a GPU with bf16 support; use train.precision=fp32 on this machine")
@@ -91,8 +91,10 @@ def preflight(cfg: CafeConfig, store: Storage, world: int) -> None:
     read_manifest(store, t.data)  # the converted pairs exist and are committed
     checkpoints = Checkpoints(store, join(t.output, "checkpoints"), t.keep_checkpoints)
     found = checkpoints.resolve(t.resume)
-    if found is not None:
-        checkpoints.check_compatible(found[1], compatibility(cfg, world))
+    if found is None:
+        return None
+    checkpoints.check_compatible(found[1], compatibility(cfg, world))
+    return found[0]
 
 
 def compatibility(cfg: CafeConfig, world: int) -> dict[str, Any]:
@@ -111,9 +113,8 @@ class Trainer:
 
     def setup(self) -> None:
         self._setup_distributed()
-        preflight(self.cfg, self.store, self.world)
+        self.resume_from = preflight(self.cfg, self.store, self.world)
         self._setup_data()
-        self._find_checkpoint()
         self._setup_model()
         self._setup_engine()
         self._resume()
@@ -193,9 +194,7 @@ class Trainer:
         loss_params = list(self.model.loss.parameters())
         if loss_params:
             out.append({"name": "temperature", "params": loss_params, "lr": o.lr_llm, "weight_decay": 0.0})
-        if not out:
-            raise ConfigError("train.parts freezes every part: nothing to train")
-        return out
+        return out  # preflight made sure something trains
 
     def _setup_engine(self) -> None:
         import deepspeed
@@ -213,14 +212,9 @@ class Trainer:
             config=deepspeed_config(self.cfg, self.plan), dist_init_required=False,
         )
 
-    def _find_checkpoint(self) -> None:
-        """Which checkpoint to resume from, checked before any model is built or step taken."""
+    def _resume(self) -> None:
         self.checkpoints = Checkpoints(self.store, join(self.t.output, "checkpoints"), self.t.keep_checkpoints)
         self.compatibility = compatibility(self.cfg, self.world)
-        found = self.checkpoints.resolve(self.t.resume)
-        self.resume_from = found[0] if found else None
-
-    def _resume(self) -> None:
         if self.resume_from is None:
             return
         uri = self.resume_from
