@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed._functional_collectives import all_gather_single_autograd
+from torch.distributed.nn.functional import all_gather as all_gather_autograd
 
 IGNORE_INDEX = -100
 MAX_LOGIT_SCALE = 100.0  # open_clip's clamp for a learnable temperature
@@ -35,7 +35,9 @@ def gather_with_grad(x: Tensor) -> Tensor:
     _, world = _world()
     if world == 1:
         return x
-    return all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    # The synchronous autograd all-gather (its backward reduce-scatters the gradients). A long 2-process
+    # CPU run with the asynchronous functional collective once aborted on heap corruption in gloo.
+    return torch.cat(all_gather_autograd(x.contiguous(), group=dist.group.WORLD), dim=0)
 
 
 def global_sum(x: Tensor) -> Tensor:
