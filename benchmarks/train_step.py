@@ -30,7 +30,14 @@ from cafe_core.data.shapes import detailed_caption, png_bytes, render, sample_sc
 from cafe_core.loss import JointLoss, lm_loss  # noqa: E402
 from cafe_core.model.build import build  # noqa: E402
 from cafe_core.model.inputs import InputBuilder, Segment  # noqa: E402
-from cafe_core.model.joint import CafeModel, last_token  # noqa: E402
+from cafe_core.model.joint import CafeModel  # noqa: E402
+
+
+def last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """The reference's pooling: hidden[i, last position where attention_mask[i] == 1], for either padding side."""
+    length = attention_mask.shape[1]
+    last = length - 1 - attention_mask.flip(1).float().argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 def make_data(n: int, seed: int = 0):

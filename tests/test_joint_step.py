@@ -15,7 +15,7 @@ from cafe_core.data.shapes import detailed_caption, png_bytes, render, sample_sc
 from cafe_core.loss import IGNORE_INDEX, JointLoss
 from cafe_core.model.build import build
 from cafe_core.model.inputs import IMAGE_TOKEN, InputBuilder, InputError, Segment
-from cafe_core.model.joint import CafeModel, last_token
+from cafe_core.model.joint import CafeModel
 from cafe_core.ports import free_port
 
 PROMPTS = PromptConfig()
@@ -55,7 +55,7 @@ def test_one_vision_pass_per_step_and_no_dummy_images(tiny):
     # each image's tokens are read once: the image prompt reuses the conversation's prefix
     assert batch.image_rows_for == [0, 1, 2, 3]
     image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    assert int((batch.input_ids == image_id).sum()) == sum(batch.image_tokens)
+    assert int((batch.input_ids == image_id).sum()) == sum(InputBuilder(processor, PROMPTS, 512).images(images)[2])
     assert set(out) == {"loss", "loss_lm", "loss_con"} and torch.isfinite(out["loss"])
 
 
@@ -136,14 +136,6 @@ def test_left_and_right_padding_give_the_same_embeddings(tiny):
         # batching does not change an embedding: alone == inside a padded batch
         alone = step(right.texts_batch(["short"]), mode="embed")[0]
         torch.testing.assert_close(alone, step(right.texts_batch(texts), mode="embed")[1], rtol=1e-5, atol=1e-5)
-
-
-def test_last_token_from_the_mask():
-    hidden = torch.arange(2 * 4, dtype=torch.float32).view(2, 4, 1)
-    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
-    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    assert last_token(hidden, right).flatten().tolist() == [1.0, 7.0]
-    assert last_token(hidden, left).flatten().tolist() == [3.0, 7.0]
 
 
 # --- world-size invariance on the real model ---------------------------------------------------------

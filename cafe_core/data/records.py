@@ -14,7 +14,7 @@ import io
 import re
 import unicodedata
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -89,7 +89,6 @@ class Outcome:
     row: dict | None = None
     reason: str | None = None
     detail: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def check_id(raw_id: Any, max_chars: int) -> str:

@@ -75,7 +75,6 @@ class Batch:
     pixel_values: Tensor | None = None
     image_sizes: Tensor | None = None
     image_rows_for: list[int] = field(default_factory=list)
-    image_tokens: list[int] = field(default_factory=list)  # per placeholder block, in reading order
 
     def to(self, device: torch.device | str) -> "Batch":
         def move(t):
@@ -87,7 +86,7 @@ class Batch:
             pool={k: (move(r), move(c)) for k, (r, c) in self.pool.items()},
             targets=move(self.targets), attention_4d=move(self.attention_4d),
             pixel_values=move(self.pixel_values), image_sizes=move(self.image_sizes),
-            image_rows_for=self.image_rows_for, image_tokens=self.image_tokens,
+            image_rows_for=self.image_rows_for,
         )
 
     def num_tokens(self) -> int:
@@ -250,8 +249,7 @@ class InputBuilder:
             row = [first, *rest]
             image_rows += [i for seg in row if self.image_token_id in seg.seq.ids]  # one block per segment
             rows.append(row)
-        return self.pack(rows, pixel_values=pixel_values, image_sizes=image_sizes, image_rows_for=image_rows,
-                         image_tokens=[counts[i] for i in image_rows])
+        return self.pack(rows, pixel_values=pixel_values, image_sizes=image_sizes, image_rows_for=image_rows)
 
     def pair_prompts(self, image_tokens: int, caption: str, mode: str) -> tuple[TokenSeq, TokenSeq]:
         """The two sides of a pair: "Compress" prompts (pairs mode) or MMEB-style inputs (interleaved)."""

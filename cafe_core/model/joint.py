@@ -6,8 +6,8 @@ prompts (no image, no dummy zero image). The reference runs three forwards and t
 times. Everything happens inside this module's forward and its submodules' forwards, so DeepSpeed ZeRO-3
 gathers each parameter where it is used and every rank makes the same collective calls.
 
-Embedding = last layer hidden state (after the final norm) at the last real token, found from the
-attention mask (left or right padding alike), L2-normalised.
+Embedding = last layer hidden state (after the final norm) at each prompt's last real token (the pooling
+indices come from InputBuilder.pack, for either padding side), L2-normalised.
 """
 
 from __future__ import annotations
@@ -18,13 +18,6 @@ from torch import Tensor, nn
 
 from cafe_core.loss import IGNORE_INDEX, JointLoss
 from cafe_core.model.inputs import Batch
-
-
-def last_token(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    """hidden[i, last position where attention_mask[i] == 1], for either padding side."""
-    length = attention_mask.shape[1]
-    last = length - 1 - attention_mask.flip(1).float().argmax(dim=1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 class CafeModel(nn.Module):

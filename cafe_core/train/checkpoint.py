@@ -180,6 +180,10 @@ class Checkpoints:
         return int(client[CLIENT][STEP]), metrics
 
 
+def json_lines(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
 def read_json_lines(data: bytes | None) -> list[dict]:
     if not data:
         return []

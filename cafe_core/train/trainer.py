@@ -37,7 +37,7 @@ from cafe_core.model.joint import CafeModel
 from cafe_core.ports import free_port
 from cafe_core.storage import OutputWriter, Storage, join, read_manifest
 from cafe_core.train import heldout as heldout_eval
-from cafe_core.train.checkpoint import MODEL_DIGEST, WORLD_SIZE, ZERO_STAGE, Checkpoints, read_json_lines
+from cafe_core.train.checkpoint import MODEL_DIGEST, WORLD_SIZE, ZERO_STAGE, Checkpoints, json_lines, read_json_lines
 from cafe_core.train.data import BatchOrder, BatchPlan, DataError, PairShards
 from cafe_core.train.schedule import cosine_with_warmup
 
@@ -283,7 +283,7 @@ class Trainer:
         return out
 
     def save_checkpoint(self) -> None:
-        files = {"metrics.jsonl": _json_lines(self.metrics), "config.yaml": self.cfg.to_yaml().encode()}
+        files = {"metrics.jsonl": json_lines(self.metrics), "config.yaml": self.cfg.to_yaml().encode()}
         uri = self.checkpoints.save(self.engine, self.step, self.compatibility, files)
         self._say(f"checkpoint step {self.step}: {uri}")
 
@@ -316,7 +316,7 @@ class Trainer:
             save(self.model.hf, self.processor, folder, cafe_config_yaml=self.cfg.to_yaml(), metrics=card_metrics)
             for path in sorted(p for p in folder.rglob("*") if p.is_file()):
                 out.put_file(f"model/{path.relative_to(folder).as_posix()}", path)
-        out.put_bytes("metrics.jsonl", _json_lines(self.metrics))
+        out.put_bytes("metrics.jsonl", json_lines(self.metrics))
         out.put_bytes("loss_curve.png", loss_curve_png(self.metrics))
         out.put_json("summary.json", {"steps": self.step, "world_size": self.world, "final": last, **heldout})
         out.put_text("config.yaml", self.cfg.to_yaml())
@@ -354,10 +354,6 @@ def import_deepspeed():
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     return deepspeed
 
-
-
-def _json_lines(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
 def run(cfg: CafeConfig, store: Storage) -> TrainResult:
