@@ -76,6 +76,10 @@ def test_run_end_to_end(root):
     assert "objects" in listing.stdout.splitlines()[-1]
     verify = cafe("artifacts", "verify", f"{run}/convert", f"root={root}")
     assert verify.returncode == 0 and "all sha256 match" in verify.stdout
+    got = cafe("artifacts", "get", f"{run}/convert/stats.json", f"root={root}")
+    assert got.returncode == 0 and json.loads(got.stdout)["input"] == 300
+    shown = cafe("config", "show", "--config", "configs/local.yaml", f"root={root}", "run_id=it1")
+    assert shown.returncode == 0 and f"output: {root}/runs/it1/convert" in shown.stdout
 
 
 def test_reject_limit_fails_the_run(root):
