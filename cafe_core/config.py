@@ -281,6 +281,7 @@ class TrainConfig(Strict):
     resume: str = "latest"  # latest | none | a checkpoint URI
     seed: int = Field(0, ge=0)
     nproc_per_node: int = Field(1, ge=1)  # `cafe train` starts torchrun itself when > 1
+    prefetch_batches: int = Field(2, ge=0)  # micro-batches a background thread builds ahead; 0 = in the loop
     peak_tflops: float | None = Field(None, gt=0)  # per device, for the MFU estimate; known GPUs by name
 
 

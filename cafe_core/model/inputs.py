@@ -64,7 +64,9 @@ class Batch:
     """Padded model inputs. `pool[name]` = (rows, columns) of the tokens whose final hidden states are
     the named embeddings. Image placeholder blocks take image features in reading order (row by row,
     left to right); `image_rows_for[k]` is the image (index into pixel_values) of the k-th block.
-    `attention_4d` is set when rows pack several segments (block-causal); otherwise the 2-D mask holds."""
+    `attention_4d` is set when rows pack several segments (block-causal); otherwise the 2-D mask holds.
+    `groups` = (first row, end row, width): row groups the LLM reads in separate passes, each only as wide
+    as its longest row (so short rows are not padded to the longest of the batch; attention is quadratic)."""
 
     input_ids: Tensor
     attention_mask: Tensor
@@ -75,6 +77,7 @@ class Batch:
     pixel_values: Tensor | None = None
     image_sizes: Tensor | None = None
     image_rows_for: list[int] = field(default_factory=list)
+    groups: list[tuple[int, int, int]] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> "Batch":
         def move(t):
@@ -86,7 +89,7 @@ class Batch:
             pool={k: (move(r), move(c)) for k, (r, c) in self.pool.items()},
             targets=move(self.targets), attention_4d=move(self.attention_4d),
             pixel_values=move(self.pixel_values), image_sizes=move(self.image_sizes),
-            image_rows_for=self.image_rows_for,
+            image_rows_for=self.image_rows_for, groups=self.groups,
         )
 
     def num_tokens(self) -> int:
@@ -182,12 +185,19 @@ class InputBuilder:
         return TokenSeq(self.expand_images(before + body[:budget] + after, image_tokens))
 
     # -- batches
-    def pack(self, rows: Sequence[Sequence[Segment]], **extra) -> Batch:
+    def pack(self, rows: Sequence[Sequence[Segment]], groups: Sequence[int] = (), **extra) -> Batch:
         """Pad rows of segments into one batch. Single-segment rows use the 2-D mask (either padding
-        side); rows with several segments get a block-causal 4-D mask (right padding)."""
+        side); rows with several segments get a block-causal 4-D mask (right padding). `groups` splits the
+        rows, in order, into groups of these sizes that the model reads separately (see Batch.groups)."""
         lengths = [sum(len(seg.seq.ids) for seg in row) for row in rows]
         width = max(lengths)
         n = len(rows)
+        sizes = list(groups) or [n]
+        if sum(sizes) != n:
+            raise ValueError(f"groups {sizes} do not add up to {n} rows")
+        bounds = [(sum(sizes[:g]), sum(sizes[: g + 1])) for g in range(len(sizes))]
+        spans = [(a, b, max(lengths[a:b])) for a, b in bounds if b > a]
+        group_width = [w for a, b, w in spans for _ in range(a, b)]
         packed = any(len(row) > 1 or row[0].prefix or row[0].start for row in rows)
         left = self.padding_side == "left" and not packed
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
@@ -198,7 +208,7 @@ class InputBuilder:
         allowed = torch.zeros((n, width, width), dtype=torch.bool) if packed else None
         pool: dict[str, tuple[list[int], list[int]]] = {}
         for i, row in enumerate(rows):
-            at = width - lengths[i] if left else 0
+            at = group_width[i] - lengths[i] if left else 0
             for seg in row:
                 k = len(seg.seq.ids)
                 span = slice(at, at + k)
@@ -221,35 +231,34 @@ class InputBuilder:
         return Batch(
             input_ids=ids, attention_mask=mask, position_ids=positions, targets=targets,
             attention_4d=None if allowed is None else allowed.unsqueeze(1),
-            pool={k: (torch.tensor(r), torch.tensor(c)) for k, (r, c) in pool.items()}, **extra,
+            pool={k: (torch.tensor(r), torch.tensor(c)) for k, (r, c) in pool.items()}, groups=spans, **extra,
         )
 
     def pairs_batch(
         self, images: Sequence[bytes], captions: Sequence[str], conversations: Sequence[Sequence[dict]] | None,
         ids: Sequence[str] = (), mode: str = "pairs",
     ) -> Batch:
-        """One training batch of B pairs, one packed row per pair: the LM conversation (when given), the
-        image-embedding prompt and the caption's text-embedding prompt. Each image is processed once.
-        A prompt that begins with the same tokens as the row's first sequence (the system turn, and for
-        the image prompt the user turn's opening image, the LLaVA convention) reuses their hidden states:
-        only its remaining tokens are added, attending to that shared prefix, so the LLM reads each image's
-        tokens once. The result is exactly that of separate forwards."""
+        """One training batch of B pairs: B packed rows of the LM conversation (when given) with the
+        image-embedding prompt, then B rows of the caption's text-embedding prompt, read as two row groups.
+        Each image is processed once. The image prompt begins with the same tokens as the conversation
+        (the system turn and the user turn's opening image, the LLaVA convention) and reuses their hidden
+        states: only its remaining tokens are added, attending to that shared prefix, so the LLM reads each
+        image's tokens once. The result is exactly that of separate forwards."""
         pixel_values, image_sizes, counts = self.images(images)
         names = list(ids) or [str(i) for i in range(len(images))]
         rows: list[list[Segment]] = []
-        image_rows: list[int] = []
+        text_rows: list[list[Segment]] = []
         for i, (n, caption) in enumerate(zip(counts, captions)):
             image_prompt, text_prompt = self.pair_prompts(n, caption, mode)
             if conversations is None:
-                first, rest = Segment(image_prompt, pool="a"), [self.after_shared(image_prompt, text_prompt, "b")]
+                rows.append([Segment(image_prompt, pool="a")])
             else:
                 conv = self.conversation(conversations[i], n, names[i])
-                first = Segment(conv)
-                rest = [self.after_shared(conv, image_prompt, "a"), self.after_shared(conv, text_prompt, "b")]
-            row = [first, *rest]
-            image_rows += [i for seg in row if self.image_token_id in seg.seq.ids]  # one block per segment
-            rows.append(row)
-        return self.pack(rows, pixel_values=pixel_values, image_sizes=image_sizes, image_rows_for=image_rows)
+                rows.append([Segment(conv), self.after_shared(conv, image_prompt, "a")])
+            text_rows.append([Segment(text_prompt, pool="b")])
+        image_rows = [i for i, row in enumerate(rows) for seg in row if self.image_token_id in seg.seq.ids]
+        return self.pack(rows + text_rows, groups=[len(rows), len(text_rows)], pixel_values=pixel_values,
+                         image_sizes=image_sizes, image_rows_for=image_rows)
 
     def pair_prompts(self, image_tokens: int, caption: str, mode: str) -> tuple[TokenSeq, TokenSeq]:
         """The two sides of a pair: "Compress" prompts (pairs mode) or MMEB-style inputs (interleaved)."""

@@ -1,8 +1,9 @@
 """The CAFe step as one module: LLaVA-OneVision + the joint loss, in one forward.
 
-One training step runs the vision tower once over the batch's images and the LLM once over all rows:
-the LM conversations, the image-embedding prompts (reusing the same image features) and the text-embedding
-prompts (no image, no dummy zero image). The reference runs three forwards and the vision tower three
+One training step runs the vision tower once over the batch's images and the LLM over two row groups:
+the LM conversations packed with the image-embedding prompts (reusing the same image features and the
+conversation's image tokens), then the text-embedding prompts (no image, no dummy zero image), each group
+only as wide as its longest row. The reference runs three forwards and the vision tower three
 times. Everything happens inside this module's forward and its submodules' forwards, so DeepSpeed ZeRO-3
 gathers each parameter where it is used and every rank makes the same collective calls.
 
@@ -43,10 +44,16 @@ class CafeModel(nn.Module):
                 )
             embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), features)
         mask = batch.attention_4d if batch.attention_4d is not None else batch.attention_mask
-        out = self.hf.model.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
-        )
-        return out.last_hidden_state
+        width = batch.input_ids.shape[1]
+        hidden = []
+        for start, end, w in batch.groups or [(0, batch.input_ids.shape[0], width)]:
+            rows = slice(start, end)
+            out = self.hf.model.language_model(
+                inputs_embeds=embeds[rows, :w], attention_mask=mask[rows, ..., :w, :w] if mask.dim() == 4 else mask[rows, :w],
+                position_ids=batch.position_ids[rows, :w], use_cache=False,
+            )
+            hidden.append(F.pad(out.last_hidden_state, (0, 0, 0, width - w)))
+        return torch.cat(hidden) if len(hidden) > 1 else hidden[0]
 
     def embeddings(self, hidden: Tensor, batch: Batch, name: str) -> Tensor:
         rows, cols = batch.pool[name]

@@ -13,6 +13,8 @@ Recipe shape as in torchtune: setup() (checks, data, model, optimizer, engine, r
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import json
 import logging
 import os
@@ -21,6 +23,8 @@ import sys
 import warnings
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,20 +232,15 @@ class Trainer:
         chance = 1.0 / len(self.heldout) if self.heldout else None
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=self.rank != 0 or None, unit="step")
         window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        batches = self._batches()
         while self.step < self.total_steps:
-            rows_of_step = self.order.batch(self.step)
             parts = None
-            for micro in range(self.t.grad_accum):
-                rows = self.shards.rows(self.plan.rows(rows_of_step, micro, self.rank))
-                batch = self.builder.pairs_batch(
-                    [r["image"] for r in rows], [r["caption"] for r in rows],
-                    [r["conversations"] for r in rows] if self.model.loss.uses_lm else None,
-                    [r["id"] for r in rows], mode=self.t.loss.mode,
-                ).to(self.device)
-                parts = self.engine(batch)
+            for _ in range(self.t.grad_accum):
+                n_rows, batch = next(batches)
+                parts = self.engine(batch.to(self.device))
                 self.engine.backward(parts["loss"])
                 self.engine.step()
-                window_samples += len(rows)
+                window_samples += n_rows
                 window_tokens += batch.num_tokens()
             self.step += 1
             bar.update(1)
@@ -259,8 +258,36 @@ class Trainer:
             self.metrics.append(record)
             if self.step % self.t.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
+        batches.close()
         bar.close()
         return self._finish()
+
+    def _batches(self):
+        """(rows, batch) of every micro-batch from the current step on, in order. With
+        train.prefetch_batches > 0 a background thread builds them ahead, so image decoding, resizing and
+        tokenisation overlap the step (on a GPU, most of the host's work). A batch depends only on (step,
+        micro-batch, rank), so prefetching changes nothing that resume relies on."""
+        keys = ((s, m) for s in range(self.step, self.total_steps) for m in range(self.t.grad_accum))
+        if not self.t.prefetch_batches:
+            yield from (self._build_batch(self.builder, *key) for key in keys)
+            return
+        # The thread's own tokenizer: the main thread tokenises held-out prompts meanwhile.
+        builder = InputBuilder(copy.deepcopy(self.processor), self.t.prompts, self.t.max_length)
+        with ThreadPoolExecutor(1, thread_name_prefix="cafe-batches") as pool:
+            pending = deque(pool.submit(self._build_batch, builder, *k) for k in itertools.islice(keys, self.t.prefetch_batches))
+            while pending:
+                ready = pending.popleft().result()
+                pending.extend(pool.submit(self._build_batch, builder, *k) for k in itertools.islice(keys, 1))
+                yield ready
+
+    def _build_batch(self, builder: InputBuilder, step: int, micro: int):
+        rows = self.shards.rows(self.plan.rows(self.order.batch(step), micro, self.rank))
+        batch = builder.pairs_batch(
+            [r["image"] for r in rows], [r["caption"] for r in rows],
+            [r["conversations"] for r in rows] if self.model.loss.uses_lm else None,
+            [r["id"] for r in rows], mode=self.t.loss.mode,
+        )
+        return len(rows), batch
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
