@@ -57,7 +57,7 @@ class S3Config(Strict):
 
 
 class SynthConfig(Strict):
-    output: str = "{root}/datasets/shapes"
+    output: str = "{root}/datasets/shapes-v1"
     seed: int = Field(0, ge=0)
     image_size: int = Field(64, ge=16, le=1024)
     train_size: int = Field(2000, ge=1)
@@ -285,6 +285,110 @@ class TrainConfig(Strict):
     peak_tflops: float | None = Field(None, gt=0)  # per device, for the MFU estimate; known GPUs by name
 
 
+# --- evaluation, gate, promotion ---------------------------------------------------------------------
+
+EVAL_DATA = "{root}/datasets/shapes-v1/eval"
+Family = Literal["retrieval", "mmeb", "pope", "caption", "mc", "gap"]
+FAMILIES: tuple[str, ...] = get_args(Family)
+
+
+class EvalSetsConfig(Strict):
+    """Where the evaluation sets are, each in its real benchmark's file format (the synthetic shapes
+    sets by default). A family whose location is empty is skipped."""
+
+    # name -> folder of Flickr30K/MSCOCO-test-style parquet (image, caption list); metrics retrieval/<name>/...
+    retrieval: dict[str, str] = Field(default_factory=lambda: {"shapes": f"{EVAL_DATA}/retrieval"})
+    mmeb: str | None = f"{EVAL_DATA}/mmeb"  # MMEB-eval layout: <Dataset>/test.parquet + images/
+    pope: str | None = f"{EVAL_DATA}/pope"  # POPE JSON lines per split + images/
+    caption: str | None = f"{EVAL_DATA}/caption_hallucination"  # images/, annotations.jsonl, vocabulary.json
+    # name -> folder of MMStar-style parquet (index, question, image, answer, category)
+    mc: dict[str, str] = Field(default_factory=lambda: {"mmstar": f"{EVAL_DATA}/mmstar"})
+    max_items: int | None = Field(None, ge=1)  # per set (images / questions / rows), for quick runs
+
+    @field_validator("retrieval", "mc")
+    @classmethod
+    def _safe_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not name or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"set name {name!r}: use letters, digits, '.', '_' or '-' (it becomes a metric name)")
+        return v
+
+
+class ExportConfig(Strict):
+    """`cafe export`: embed every item of `eval_sets` once, written as sharded safetensors + an index."""
+
+    checkpoint: str = "{root}/runs/{run_id}/train/final/model"
+    output: str = "{root}/runs/{run_id}/export"
+    batch_size: int = Field(32, ge=1)
+    shard_size: int = Field(2048, ge=1)  # embeddings per safetensors shard (the unit of resume)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
+    prompts: PromptConfig = PromptConfig()
+    max_length: int = Field(2048, ge=16)
+
+
+class GenerationConfig(Strict):
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(8, ge=1)  # POPE and multiple-choice answers
+    caption_max_new_tokens: int = Field(96, ge=1)
+    # LLaVA-style suffixes and the description prompt (SPEC section 5)
+    pope_suffix: str = "\nAnswer the question using a single word or phrase."
+    mc_suffix: str = "\nAnswer with the option's letter from the given choices directly."
+    caption_prompt: str = "Describe the image in detail."
+
+
+class EvaluateConfig(Strict):
+    """`cafe evaluate`: one module per benchmark family; retrieval-type families read `export`'s files."""
+
+    checkpoint: str = "{root}/runs/{run_id}/train/final/model"
+    embeddings: str = "{root}/runs/{run_id}/export"
+    output: str = "{root}/runs/{run_id}/evaluate"
+    families: list[Family] = Field(default_factory=lambda: list(FAMILIES))
+    generation: GenerationConfig = GenerationConfig()
+    gap_pairs: int = Field(250, ge=2)  # pairs in the modality-gap scatter (the paper's Figure 3 uses 250)
+
+
+class GateRule(Strict):
+    """A bound on one metric, or on every metric a glob matches (each slice checked on its own)."""
+
+    metric: str = Field(min_length=1)  # e.g. "retrieval/*/i2t_R@1", "pope/*/f1"
+    direction: Literal["higher", "lower"] = "higher"  # which way is better
+    min: float | None = None
+    max: float | None = None
+    max_drop: float | None = Field(None, ge=0)  # allowed change for the worse against the champion, absolute
+    max_drop_relative: float | None = Field(None, ge=0)  # ... as a fraction of the champion's value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "GateRule":
+        if all(v is None for v in (self.min, self.max, self.max_drop, self.max_drop_relative)):
+            raise ValueError(f"gate rule for {self.metric!r} has no bound: set min, max, max_drop or max_drop_relative")
+        return self
+
+
+class RegistryConfig(Strict):
+    """The model registry kept in S3: versions with their decision records, aliases champion/previous."""
+
+    uri: str = "{root}/registry"
+    model_name: str = Field("cafe-llava-onevision", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    kubeflow_url: str | None = None  # optional Kubeflow Model Registry address
+
+
+class GateConfig(Strict):
+    """`cafe gate`: the candidate's metrics against bounds and the current champion; fails closed."""
+
+    metrics: str = "{root}/runs/{run_id}/evaluate"
+    checkpoint: str = "{root}/runs/{run_id}/train/final/model"
+    output: str = "{root}/runs/{run_id}/gate"
+    rules: list[GateRule] = Field(default_factory=list)
+
+
+class PromoteConfig(Strict):
+    """`cafe promote` / `cafe rollback`."""
+
+    decision: str = "{root}/runs/{run_id}/gate/decision.json"
+    reembed_sample: int = Field(16, ge=0)  # evaluation items re-embedded from the files being promoted
+    reembed_tolerance: float = Field(1e-3, gt=0)  # max |cosine - 1| between re-embedded and exported
+
+
 # --- root --------------------------------------------------------------------------------------------
 
 
@@ -297,6 +401,12 @@ class CafeConfig(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    eval_sets: EvalSetsConfig = EvalSetsConfig()
+    export: ExportConfig = ExportConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    promote: PromoteConfig = PromoteConfig()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
