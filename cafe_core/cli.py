@@ -7,16 +7,17 @@ Exit status: 0 success, 1 the stage ran and failed (reject limit, hard validatio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import threading
 from typing import Callable, Sequence
 
-from cafe_core.config import CafeConfig, ConfigError, load_config
+from cafe_core.config import FAMILIES, CafeConfig, ConfigError, load_config
 from cafe_core.connect import connect, wants_embedded
 from cafe_core.s3server import EmbeddedS3, EmbeddedS3Error, browse_hint
-from cafe_core.storage import Storage, StorageError, is_s3, read_manifest
+from cafe_core.storage import Storage, StorageError, is_s3, join, read_manifest
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StorageError, EmbeddedS3Error)
 
@@ -98,8 +99,109 @@ def _train(cfg: CafeConfig, store: Storage) -> str:
     return result.output
 
 
+def _export(cfg: CafeConfig, store: Storage) -> str:
+    from cafe_core.evaluate.export import export
+
+    with _eval_errors():
+        result = export(cfg, store)
+    print(f"export: {result.items} embeddings (dim {result.dim}) in {result.shards} shard(s)"
+          f"{f', {result.reused_shards} reused from an interrupted run' if result.reused_shards else ''}: {result.output}")
+    return result.output
+
+
+def cmd_evaluate(args) -> None:
+    from cafe_core.evaluate.report import metrics_markdown
+    from cafe_core.evaluate.run import merge, run_family
+
+    cfg = _config(args)
+    if args.family and args.merge_only:
+        raise ConfigError("--family runs families, --merge combines finished ones: give one of them")
+    families = args.family or list(cfg.evaluate.families)
+    with connect(cfg.s3, _uris(cfg)) as store, _eval_errors():
+        if not args.merge_only:
+            for family in families:
+                metrics = run_family(cfg, store, family)
+                print(f"evaluate: {family}: {len(metrics)} metrics -> {cfg.evaluate.output}/{family}/")
+        if args.family:
+            return  # one family of a parallel evaluation; `cafe evaluate --merge` combines them
+        record = merge(cfg, store)
+        print(metrics_markdown(record["metrics"], HEADLINE_METRICS))
+        print(f"evaluate: {cfg.evaluate.output}/metrics.json  {cfg.evaluate.output}/report.html")
+
+
+def cmd_gate(args) -> None:
+    from cafe_core.gate import decide, write_decision
+
+    cfg = _config(args)
+    with connect(cfg.s3, _uris(cfg)) as store:
+        decision = decide(cfg, store)
+        print(decision.summary())
+        if args.dry_run:
+            print("gate: --dry-run: nothing written")
+        else:
+            print(f"gate: decision record {write_decision(store, cfg, decision)}")
+    if not decision.passed:
+        raise StageFailed(f"gate: FAIL ({'; '.join(decision.reasons[:2])})")
+
+
+def _promote(cfg: CafeConfig, store: Storage) -> str:
+    from cafe_core.evaluate.export import reembed_check
+    from cafe_core.gate import read_decision
+    from cafe_core.registry import RegistryError, promote
+
+    uri = cfg.promote.decision
+
+    def check_model(model_uri: str) -> None:
+        decision = read_decision(store, uri)
+        embeddings = store.read_json(join(decision.inputs.metrics, "metrics.json")).get("embeddings")
+        if not embeddings:
+            raise RegistryError(f"{decision.inputs.metrics}/metrics.json does not say which export it used")
+        print(f"promote: {reembed_check(cfg, store, model_uri, embeddings)}")
+
+    try:
+        result = promote(cfg, store, uri, check_model=check_model)
+    except RegistryError as e:
+        raise StageFailed(f"promote: {e}") from None
+    print(f"promote: {result.message}")
+    return result.model_uri
+
+
+def _rollback(cfg: CafeConfig, store: Storage) -> str:
+    from cafe_core.registry import RegistryError, rollback
+
+    try:
+        result = rollback(cfg, store)
+    except RegistryError as e:
+        raise StageFailed(f"rollback: {e}") from None
+    print(f"rollback: {result.message}")
+    return result.champion
+
+
+# The metrics printed in summaries (every metric is in metrics.json and the report).
+HEADLINE_METRICS = ("retrieval/", "mmeb/overall", "mmeb/ind", "mmeb/ood", "pope/average/", "caption/overall/",
+                    "caption/classwise/", "mc/", "gap/centroid_distance")
+
+
+@contextlib.contextmanager
+def _eval_errors():
+    """Bad evaluation input (missing sets, checkpoints, exports from another model) is a user error."""
+    from cafe_core.evaluate.export import ExportError
+    from cafe_core.evaluate.run import EvaluationError
+    from cafe_core.evaluate.sets import EvalSetError
+    from cafe_core.model.build import ModelLoadError
+    from cafe_core.model.locate import CheckpointNotFound
+
+    try:
+        yield
+    except (ExportError, EvaluationError, EvalSetError, ModelLoadError, CheckpointNotFound) as e:
+        raise ConfigError(str(e)) from None
+
+
 def _uris(cfg: CafeConfig) -> list[str]:
-    uris = [cfg.root, cfg.synth.output, cfg.validate_.input, cfg.validate_.output, cfg.train.data, cfg.train.output]
+    uris = [cfg.root, cfg.synth.output, cfg.validate_.input, cfg.validate_.output, cfg.train.data, cfg.train.output,
+            cfg.export.checkpoint, cfg.export.output, cfg.evaluate.output, cfg.evaluate.embeddings, cfg.gate.output,
+            cfg.registry.uri, *cfg.eval_sets.retrieval.values(), *cfg.eval_sets.mc.values()]
+    uris += [u for u in (cfg.eval_sets.mmeb, cfg.eval_sets.pope, cfg.eval_sets.caption) if u]
     if cfg.data:
         uris += [cfg.data.output, *(s.uri for s in cfg.data.sources)]
     return uris
@@ -115,7 +217,12 @@ def _with_store(stage: Callable[[CafeConfig, Storage], str]):
 
 
 def cmd_run(args) -> None:
-    """The main job on the embedded default: synth -> convert -> validate -> train, then where everything went."""
+    """The main job on the embedded default: synth -> convert -> validate -> train -> export -> evaluate ->
+    gate -> promote (on PASS), then the metrics, the decision and where everything went."""
+    from cafe_core.evaluate.report import metrics_markdown
+    from cafe_core.evaluate.run import evaluate
+    from cafe_core.gate import decide, write_decision
+
     cfg = _config(args)
     with connect(cfg.s3, _uris(cfg)) as store:
         print(f"run {cfg.run_id} (config {cfg.digest()})")
@@ -125,6 +232,17 @@ def cmd_run(args) -> None:
         converted = _convert(cfg, store)
         validated = _validate(cfg, store)
         trained = _train(cfg, store)
+        exported = _export(cfg, store)
+        with _eval_errors():
+            record = evaluate(cfg, store)
+        decision = decide(cfg, store)
+        decision_uri = write_decision(store, cfg, decision)
+        print(f"\nMetrics ({cfg.evaluate.output}/metrics.json; all of them in report.html):")
+        print(metrics_markdown(record["metrics"], HEADLINE_METRICS))
+        print(f"\n{decision.summary()}")
+        promoted = _promote(cfg, store) if decision.passed else None
+        if not decision.passed:
+            print("promote: skipped (the gate did not pass)")
         print("\nWhere everything went:")
         print(f"  synthetic data     {synth}/  (train/, eval/)")
         print(f"  converted pairs    {converted}/pairs/")
@@ -132,6 +250,11 @@ def cmd_run(args) -> None:
         print(f"  validation         {validated}/summary.txt  {validated}/data_docs/index.html")
         print(f"  checkpoints        {cfg.train.output}/checkpoints/  (latest.json)")
         print(f"  trained model      {trained}/model/  {trained}/metrics.jsonl  {trained}/loss_curve.png")
+        print(f"  embeddings         {exported}/index.parquet  {exported}/shards/")
+        print(f"  evaluation         {cfg.evaluate.output}/metrics.json  {cfg.evaluate.output}/report.html")
+        print(f"  gate decision      {decision_uri}  {cfg.gate.output}/why.md")
+        if promoted:
+            print(f"  champion           {promoted}")
         if store.endpoint_url and is_s3(cfg.root):
             print(browse_hint(store.endpoint_url, f"{cfg.root}/runs/{cfg.run_id}/"))
             print("  (the embedded server stops with this command; `cafe s3 serve` keeps one running)")
@@ -234,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("convert", _with_store(_convert), "convert training data into image-text pair shards")
     add("validate", _with_store(_validate), "check a converted dataset with great-expectations")
     add("train", _with_store(_train), "CAFe fine-tuning (torchrun + DeepSpeed), resumable from S3 checkpoints")
+    add("export", _with_store(_export), "embed every evaluation item with a checkpoint (sharded safetensors + index)")
+    add("evaluate", cmd_evaluate, "evaluate a checkpoint on every benchmark family; metrics.json + report.html", sub,
+        [("--family", {"action": "append", "choices": FAMILIES, "help": "run only this family (repeatable); "
+                       "without --merge the combined metrics are not written"}),
+         ("--merge", {"dest": "merge_only", "action": "store_true", "help": "only combine the families' outputs"})])
+    add("gate", cmd_gate, "judge a run's metrics against the gate rules and the champion; write the decision", sub,
+        [("--dry-run", {"action": "store_true", "help": "print the decision, write nothing"})])
+    add("promote", _with_store(_promote), "make the model of a PASS decision the registry's champion")
+    add("rollback", _with_store(_rollback), "restore the previous champion")
     s3 = sub.add_parser("s3", help="the embedded S3 server").add_subparsers(dest="s3_command", required=True)
     add("serve", cmd_s3_serve, "run the embedded SeaweedFS S3 server until Ctrl-C", s3)
     art = sub.add_parser("artifacts", help="browse artifacts").add_subparsers(dest="art_command", required=True)

@@ -317,7 +317,7 @@ class EvalSetsConfig(Strict):
 class ExportConfig(Strict):
     """`cafe export`: embed every item of `eval_sets` once, written as sharded safetensors + an index."""
 
-    checkpoint: str = "{root}/runs/{run_id}/train/final/model"
+    checkpoint: str = "{root}/runs/{run_id}/train/final"  # `cafe train` output (model/ inside) or an HF folder
     output: str = "{root}/runs/{run_id}/export"
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(2048, ge=1)  # embeddings per safetensors shard (the unit of resume)
@@ -339,7 +339,7 @@ class GenerationConfig(Strict):
 class EvaluateConfig(Strict):
     """`cafe evaluate`: one module per benchmark family; retrieval-type families read `export`'s files."""
 
-    checkpoint: str = "{root}/runs/{run_id}/train/final/model"
+    checkpoint: str = "{root}/runs/{run_id}/train/final"  # `cafe train` output (model/ inside) or an HF folder
     embeddings: str = "{root}/runs/{run_id}/export"
     output: str = "{root}/runs/{run_id}/evaluate"
     families: list[Family] = Field(default_factory=lambda: list(FAMILIES))
@@ -376,9 +376,12 @@ class GateConfig(Strict):
     """`cafe gate`: the candidate's metrics against bounds and the current champion; fails closed."""
 
     metrics: str = "{root}/runs/{run_id}/evaluate"
-    checkpoint: str = "{root}/runs/{run_id}/train/final/model"
+    checkpoint: str = "{root}/runs/{run_id}/train/final"  # `cafe train` output (model/ inside) or an HF folder
     output: str = "{root}/runs/{run_id}/gate"
     rules: list[GateRule] = Field(default_factory=list)
+    # A YAML file (local path or s3://) whose `rules:` list is checked as well: the shipped defaults are
+    # configs/gate.yaml; a pipeline passes its own file's URI.
+    rules_from: str | None = None
 
 
 class PromoteConfig(Strict):

@@ -12,6 +12,7 @@ Endpoint, region and credentials come from boto3's standard settings; nothing he
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import io
 import json
@@ -45,6 +46,15 @@ class NotCommittedError(StorageError):
 
 class ChecksumError(StorageError):
     pass
+
+
+class ObjectNotFound(StorageError):
+    """The object does not exist (raised by the conditional-write helpers, which must tell it apart)."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object changed since it was read (if_match), or it already exists
+    (if_none_match). The caller re-reads and decides again."""
 
 
 # --- names and URIs ----------------------------------------------------------------------------------
@@ -356,6 +366,75 @@ class Storage:
         except ClientError as e:
             raise self._fail(uri, "upload", e) from None
 
+    # -- conditional writes and copies (registry aliases, version claims)
+    def read_with_etag(self, uri: str) -> tuple[bytes, str]:
+        """The object's bytes and the etag to pass to ``write_bytes_if(if_match=...)``.
+
+        S3: the server's ETag (quoted, as S3 returns it). Local: the sha256 of the content. Raises
+        ObjectNotFound when there is no object."""
+        if not is_s3(uri):
+            try:
+                data = Path(uri).read_bytes()  # local writes are atomic renames: never a torn read
+            except FileNotFoundError:
+                raise ObjectNotFound(f"{uri} does not exist") from None
+            return data, sha256_bytes(data)
+        bucket, key = split_s3(uri)
+        try:
+            resp = self.client.get_object(Bucket=bucket, Key=key)
+            return resp["Body"].read(), resp["ETag"]
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
+                where = " (nor does its bucket)" if code == "NoSuchBucket" else ""
+                raise ObjectNotFound(f"{uri} does not exist{where}") from None
+            raise self._fail(uri, "get", e) from None
+
+    def write_bytes_if(self, uri: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+        """Write only if the object still has etag ``if_match``, or (``if_none_match``) does not exist yet.
+
+        Exactly one of the two conditions. Returns the new etag; raises PreconditionFailed when the
+        condition does not hold (also for ``if_match`` on a missing object). S3 uses put_object's
+        IfMatch / IfNoneMatch="*"; a local path takes an fcntl lock on ``.<name>.lock`` beside the target,
+        checks, then renames the new content into place."""
+        if (if_match is None) == (not if_none_match):
+            raise StorageError(f"{uri}: write_bytes_if needs exactly one of if_match=ETAG or if_none_match=True")
+        if not is_s3(uri):
+            return _local_write_if(Path(uri), data, if_match, if_none_match)
+        self.ensure_bucket(uri)
+        bucket, key = split_s3(uri)
+        cond = {"IfMatch": if_match} if if_match is not None else {"IfNoneMatch": "*"}
+        try:
+            return self.client.put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # 409 ConditionalRequestConflict: AWS's answer to two conditional writes in flight at once.
+            lost = code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+            if lost or (if_match is not None and code in ("NoSuchKey", "404", "NotFound")):
+                what = f"its etag is no longer {if_match}" if if_match is not None else "it already exists"
+                raise PreconditionFailed(f"{uri}: conditional write refused ({what})") from None
+            raise self._fail(uri, "conditional put", e) from None
+
+    def copy(self, src_uri: str, dst_uri: str) -> None:
+        """Copy one object. S3 to S3 is a server-side managed copy (multipart above the threshold, so
+        objects over 5 GB work); local to local is a file copy; across the two it downloads/uploads.
+        The destination appears whole or not at all."""
+        if is_s3(src_uri) and is_s3(dst_uri):
+            self.ensure_bucket(dst_uri)
+            sb, sk = split_s3(src_uri)
+            db, dk = split_s3(dst_uri)
+            try:
+                self.client.copy({"Bucket": sb, "Key": sk}, db, dk, Config=self._transfer)
+            except ClientError as e:
+                raise self._fail(src_uri, f"copy to {dst_uri}", e) from None
+            return
+        if not is_s3(src_uri) and not Path(src_uri).is_file():
+            raise StorageError(f"{src_uri} does not exist")
+        with self.local_copy(src_uri) as local:
+            if not is_s3(dst_uri) and Path(local).resolve() == Path(dst_uri).resolve():
+                return
+            self.upload(local, dst_uri)
+
     def delete(self, uri: str) -> None:
         if not is_s3(uri):
             Path(uri).unlink(missing_ok=True)
@@ -378,6 +457,28 @@ def _atomic_local_write(dest: Path, write) -> None:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _local_write_if(dest: Path, data: bytes, if_match: str | None, if_none_match: bool) -> str:
+    """Local compare-and-swap: the lock file serialises writers (processes and threads alike, since each
+    call opens its own descriptor); the content's sha256 stands in for S3's ETag."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = dest.with_name(f".{dest.name}.lock")
+    with open(lock, "a+b") as lf:
+        fcntl.flock(lf.fileno(), fcntl.LOCK_EX)
+        try:
+            try:
+                current: str | None = sha256_bytes(dest.read_bytes())
+            except FileNotFoundError:
+                current = None
+            if if_none_match and current is not None:
+                raise PreconditionFailed(f"{dest}: conditional write refused (it already exists)")
+            if if_match is not None and current != if_match:
+                raise PreconditionFailed(f"{dest}: conditional write refused (its etag is no longer {if_match})")
+            _atomic_local_write(dest, lambda f: f.write(data))
+        finally:
+            fcntl.flock(lf.fileno(), fcntl.LOCK_UN)
+    return sha256_bytes(data)
 
 
 # --- committed outputs -------------------------------------------------------------------------------

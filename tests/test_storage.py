@@ -15,7 +15,9 @@ from cafe_core.storage import (
     MANIFEST,
     ChecksumError,
     NotCommittedError,
+    ObjectNotFound,
     OutputWriter,
+    PreconditionFailed,
     Storage,
     StorageError,
     check_relative,
@@ -228,3 +230,81 @@ def test_secrets_never_reach_artifacts(s3_env, bucket, monkeypatch):
     assert "very-secret-value" not in cfg.to_yaml()
     with pytest.raises(Exception, match="endpoint_url"):
         load_config(None, ["s3.endpoint_url=http://user:pass@127.0.0.1:9000"])
+
+
+# --- conditional writes and copies (the registry's building blocks) -----------------------------------
+
+
+def test_conditional_writes(where):
+    store, base = where
+    uri = join(base, "aliases.json")
+    with pytest.raises(ObjectNotFound):
+        store.read_with_etag(uri)
+    with pytest.raises(PreconditionFailed):  # if_match on a missing object: there is nothing to match
+        store.write_bytes_if(uri, b"x", if_match="anything")
+    etag = store.write_bytes_if(uri, b"one", if_none_match=True)
+    assert store.read_with_etag(uri) == (b"one", etag)
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        store.write_bytes_if(uri, b"two", if_none_match=True)
+    etag2 = store.write_bytes_if(uri, b"two", if_match=etag)
+    assert etag2 != etag and store.read_with_etag(uri) == (b"two", etag2)
+    with pytest.raises(PreconditionFailed, match="no longer"):
+        store.write_bytes_if(uri, b"three", if_match=etag)  # stale etag: someone wrote in between
+    assert store.read_bytes(uri) == b"two"
+    with pytest.raises(StorageError, match="exactly one"):
+        store.write_bytes_if(uri, b"x")
+    with pytest.raises(StorageError, match="exactly one"):
+        store.write_bytes_if(uri, b"x", if_match=etag2, if_none_match=True)
+
+
+def test_compare_and_swap_loses_no_update(where):
+    """Threads incrementing one counter by read-etag / write-if-match: every increment lands once."""
+    store, base = where
+    uri = join(base, "counter")
+    store.write_bytes_if(uri, b"0", if_none_match=True)
+    threads, per_thread = 4, 5
+    barrier = threading.Barrier(threads)
+
+    def bump():
+        own = Storage(multipart_threshold_mb=5, multipart_chunk_mb=5)  # a client per thread, as processes would
+        barrier.wait()
+        done = 0
+        while done < per_thread:
+            data, etag = own.read_with_etag(uri)
+            try:
+                own.write_bytes_if(uri, str(int(data) + 1).encode(), if_match=etag)
+                done += 1
+            except PreconditionFailed:
+                pass
+
+    workers = [threading.Thread(target=bump) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert store.read_bytes(uri) == str(threads * per_thread).encode()
+
+
+def test_copy(where, tmp_path):
+    store, base = where
+    src, dst = join(base, "a/src.bin"), join(base, "b/dst.bin")
+    store.write_bytes(src, b"payload")
+    store.copy(src, dst)
+    assert store.read_bytes(dst) == b"payload" and store.read_bytes(src) == b"payload"
+    local = str(tmp_path / "elsewhere" / "x.bin")  # across local and S3 (or local to local)
+    store.copy(dst, local)
+    store.copy(local, join(base, "c/back.bin"))
+    assert store.read_bytes(join(base, "c/back.bin")) == b"payload"
+    with pytest.raises(StorageError, match="does not exist"):
+        store.copy(join(base, "nope"), join(base, "d"))
+    assert not store.exists(join(base, "d"))
+
+
+@pytest.mark.s3
+def test_large_copy_is_server_side_multipart(s3_store, bucket):
+    data = os.urandom(12 << 20)
+    s3_store.write_bytes(f"{bucket}/big/src.bin", data)
+    s3_store.copy(f"{bucket}/big/src.bin", f"{bucket}/big/dst.bin")
+    head = s3_store.client.head_object(Bucket=bucket[5:], Key="big/dst.bin")
+    assert re.search(r"-\d+\"?$", head["ETag"]), f"expected a multipart copy, got ETag {head['ETag']}"
+    assert s3_store.sha256(f"{bucket}/big/dst.bin") == s3_store.sha256(f"{bucket}/big/src.bin")

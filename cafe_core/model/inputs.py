@@ -107,6 +107,7 @@ class InputBuilder:
         self.padding_side = padding_side
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._template_ids: dict[str, tuple[list[int], list[int]]] = {}  # rendered template -> (before, after) ids
 
     # -- pieces
     def encode(self, text: str) -> list[int]:
@@ -176,7 +177,9 @@ class InputBuilder:
         rendered = embedding_prompt(self.prompts, template)
         if text is None or "{text}" not in rendered:
             return TokenSeq(self.expand_images(self.encode(rendered), image_tokens))
-        before, after = (self.encode(part) for part in rendered.split("{text}", 1))
+        if rendered not in self._template_ids:  # the instruction around {text} is the same for every item
+            self._template_ids[rendered] = tuple(self.encode(part) for part in rendered.split("{text}", 1))
+        before, after = self._template_ids[rendered]
         body = self.encode(text)
         extra = sum(image_tokens) - len(image_tokens)  # placeholders grow into image tokens
         budget = self.max_length - len(before) - len(after) - extra

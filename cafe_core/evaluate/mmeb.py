@@ -1,0 +1,90 @@
+"""MMEB (VLM2Vec, Jiang et al. 2024): Precision@1 per dataset, averaged per meta-task, IND, OOD and overall.
+
+Each query is scored against its own candidate list by cosine similarity (both sides L2-normalised here);
+candidate 0 is the positive. A query is a hit when candidate 0 scores strictly higher than every other
+candidate: a tie counts against it. (VLM2Vec's ``np.argmax`` picks the first maximum, so there a tie with
+candidate 0 counts as a hit and a collapsed model, all embeddings equal, scores 1.0; here it scores 0.)
+Averages are unweighted means over datasets, as in the paper's tables.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from cafe_core.evaluate.choice import metric_part
+from cafe_core.evaluate.retrieval import unit_rows
+from cafe_core.evaluate.sets import MMEB_META_TASKS, MmebDataset
+
+
+def hits_at_1(
+    query_emb: np.ndarray | torch.Tensor,
+    candidate_embs: np.ndarray | torch.Tensor | Sequence[np.ndarray],
+    candidate_index: np.ndarray | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per query, whether candidate 0 wins outright (a CPU bool tensor).
+
+    Either ``candidate_embs`` is (queries, candidates, dim), each query with its own candidates; or it is
+    (unique candidates, dim) and ``candidate_index`` (queries, candidates) picks each query's candidates
+    from it, -1 padding lists shorter than the longest (MMEB shares candidates between queries, so each is
+    embedded once)."""
+    q = unit_rows(query_emb, "query_emb")
+    if candidate_index is None:
+        cand = torch.as_tensor(np.stack(candidate_embs) if isinstance(candidate_embs, list) else candidate_embs)
+        if cand.ndim != 3 or cand.shape[0] != q.shape[0] or cand.shape[1] == 0:
+            raise ValueError(f"candidate_embs must be (queries={q.shape[0]}, candidates>=1, dim), got {tuple(cand.shape)}")
+        flat = unit_rows(cand.reshape(-1, cand.shape[-1]), "candidate_embs")
+        _same_dim(q, flat)
+        cand = flat.reshape(cand.shape).to(q.device)
+        scores = torch.einsum("nd,ncd->nc", q, cand)
+    else:
+        pool = unit_rows(candidate_embs, "candidate_embs").to(q.device)
+        _same_dim(q, pool)
+        index = torch.as_tensor(np.asarray(candidate_index), dtype=torch.long, device=q.device)
+        if index.ndim != 2 or index.shape[0] != q.shape[0] or index.shape[1] == 0:
+            raise ValueError(f"candidate_index must be (queries={q.shape[0]}, candidates>=1), got {tuple(index.shape)}")
+        if (index[:, 0] < 0).any() or index.max() >= pool.shape[0] or index.min() < -1:
+            raise ValueError(f"candidate_index values must lie in [0, {pool.shape[0]}) (-1 pads, never in column 0)")
+        scores = (q @ pool.T).gather(1, index.clamp(min=0))
+        scores = scores.masked_fill(index < 0, -torch.inf)  # padding never beats the positive
+    return (scores[:, 1:] < scores[:, :1]).all(dim=1).cpu()
+
+
+def _same_dim(q: torch.Tensor, c: torch.Tensor) -> None:
+    if q.shape[1] != c.shape[1]:
+        raise ValueError(f"query_emb has dim {q.shape[1]} but candidate_embs has dim {c.shape[1]}")
+
+
+def precision_at_1(
+    query_emb: np.ndarray | torch.Tensor,
+    candidate_embs: np.ndarray | torch.Tensor | Sequence[np.ndarray],
+    candidate_index: np.ndarray | torch.Tensor | None = None,
+) -> float:
+    """Share of queries whose positive (candidate 0) scores strictly highest; arguments as ``hits_at_1``."""
+    return float(hits_at_1(query_emb, candidate_embs, candidate_index).float().mean())
+
+
+def mmeb_summary(
+    per_dataset: Mapping[str, float], datasets: Iterable[MmebDataset] | Mapping[str, tuple[str, str]]
+) -> dict[str, float]:
+    """Stable names: ``mmeb/dataset/<Name>/p@1``, ``mmeb/<meta_task>/p@1`` (lower case), ``mmeb/ind/p@1``,
+    ``mmeb/ood/p@1``, ``mmeb/overall/p@1``. ``datasets`` gives each name's meta-task and split (the loaded
+    ``MmebDataset`` list, or name -> (meta_task, split)). A group without datasets is left out, not 0."""
+    info = dict(datasets) if isinstance(datasets, Mapping) else {d.name: (d.meta_task, d.split) for d in datasets}
+    unknown = [name for name in per_dataset if name not in info]
+    if unknown:
+        raise ValueError(f"no meta-task/split for MMEB dataset(s) {unknown}; pass their MmebDataset entries")
+    out = {f"mmeb/dataset/{metric_part(name)}/p@1": float(v) for name, v in per_dataset.items()}
+    groups: dict[str, list[float]] = {}
+    for name, value in per_dataset.items():
+        meta_task, split = info[name]
+        if meta_task not in MMEB_META_TASKS or split.upper() not in ("IND", "OOD"):
+            raise ValueError(f"MMEB dataset {name}: meta_task {meta_task!r} / split {split!r} not recognised")
+        for group in (meta_task.lower(), split.lower(), "overall"):
+            groups.setdefault(group, []).append(float(value))
+    for group in (*(m.lower() for m in MMEB_META_TASKS), "ind", "ood", "overall"):
+        if group in groups:
+            out[f"mmeb/{group}/p@1"] = sum(groups[group]) / len(groups[group])
+    return out

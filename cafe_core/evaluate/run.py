@@ -1,0 +1,275 @@
+"""`cafe evaluate`: every benchmark family of a checkpoint, each its own committed output, then one
+metrics file and an HTML report.
+
+    {evaluate.output}/<family>/     metrics.json, results.jsonl (every item's raw result), family extras
+    {evaluate.output}/metrics.json  all metrics with stable names, the run, the checkpoint and its digest
+    {evaluate.output}/report.html   tables and plots
+
+Embedding families (retrieval, mmeb, gap) read `cafe export`'s files, which must come from the same
+checkpoint files (digest check). Generative families (pope, caption, mc) load the checkpoint and generate.
+Families run independently (the pipeline runs them as parallel tasks); `merge` combines them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from cafe_core.config import CafeConfig
+from cafe_core.evaluate import caption as caption_metrics
+from cafe_core.evaluate import choice, gap, mmeb, pope, retrieval
+from cafe_core.evaluate import sets as eval_sets
+from cafe_core.evaluate.export import Embeddings, load_for_inference
+from cafe_core.evaluate.generate import generate_answers
+from cafe_core.evaluate.report import render_report
+from cafe_core.model.inputs import InputBuilder
+from cafe_core.model.locate import CheckpointRef, locate
+from cafe_core.storage import MANIFEST, OutputWriter, Storage, join, read_manifest, verify_output
+from cafe_core.train.checkpoint import json_lines
+from cafe_core.version import code_version
+
+METRICS_FILE = "metrics.json"
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+@dataclass
+class FamilyResult:
+    metrics: dict[str, float]
+    results: list[dict[str, Any]]  # raw per-item results
+    files: dict[str, bytes]  # extra artifacts (plots)
+    tables: list[tuple[str, list[str], list[list[Any]]]]  # report tables: title, header, rows
+
+
+class Context:
+    """What the families share: config, store, the checkpoint, lazily the model and the embeddings."""
+
+    def __init__(self, cfg: CafeConfig, store: Storage, progress: bool):
+        self.cfg, self.store, self.progress = cfg, store, progress
+        self.ref: CheckpointRef = locate(store, cfg.evaluate.checkpoint)
+        self._model = self._embeddings = None
+
+    def embeddings(self) -> Embeddings:
+        if self._embeddings is None:
+            emb = Embeddings(self.store, self.cfg.evaluate.embeddings)
+            if emb.checkpoint_digest != self.ref.digest or emb.summary.get("checkpoint") != self.ref.uri:
+                raise EvaluationError(
+                    f"the embeddings at {self.cfg.evaluate.embeddings} were exported from {emb.summary.get('checkpoint')} "
+                    f"(digest {emb.checkpoint_digest}), not from {self.ref.uri} (digest {self.ref.digest}): run `cafe export` "
+                    "for this checkpoint first"
+                )
+            self._embeddings = emb
+        return self._embeddings
+
+    def generate(self, items: list[tuple[str, bytes]], max_new_tokens: int, desc: str) -> list[str]:
+        if self._model is None:
+            model, processor, _ = load_for_inference(self.cfg, self.store, self.ref)
+            self._model = (model.hf, InputBuilder(processor, self.cfg.export.prompts, 1 << 16, padding_side="left"))
+        hf, builder = self._model
+        g = self.cfg.evaluate.generation
+        return generate_answers(hf, builder, items, max_new_tokens, g.batch_size, desc=desc, progress=self.progress)
+
+
+# --- families ----------------------------------------------------------------------------------------
+
+
+def _retrieval(ctx: Context) -> FamilyResult:
+    emb = ctx.embeddings()
+    metrics, results, rows = {}, [], []
+    for name, uri in ctx.cfg.eval_sets.retrieval.items():
+        rs = eval_sets.load_retrieval(ctx.store, uri, name, ctx.cfg.eval_sets.max_items)
+        images = emb.get([f"retrieval/{name}/image/{i}" for i in range(len(rs.images))])
+        texts = emb.get([f"retrieval/{name}/text/{j}" for j in range(len(rs.captions))])
+        ranks = retrieval.retrieval_ranks(images, texts, rs.caption_image)
+        recall = retrieval.recall_at_k(ranks)
+        metrics.update({f"retrieval/{name}/{k}": v for k, v in recall.items()})
+        results += [{"set": name, "image_id": rs.image_ids[i], "i2t_rank": int(r)} for i, r in enumerate(ranks.i2t)]
+        results += [{"set": name, "caption_id": rs.caption_ids[j], "caption": rs.captions[j],
+                     "image_id": rs.image_ids[int(rs.caption_image[j])], "t2i_rank": int(r)} for j, r in enumerate(ranks.t2i)]
+        rows.append([name, len(rs.images), len(rs.captions), *(recall[k] for k in retrieval_columns())])
+    return FamilyResult(metrics, results, {}, [("Zero-shot retrieval", ["set", "images", "captions", *retrieval_columns()], rows)])
+
+
+def retrieval_columns() -> list[str]:
+    return [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+
+
+def _mmeb(ctx: Context) -> FamilyResult:
+    if not ctx.cfg.eval_sets.mmeb:
+        raise EvaluationError("family mmeb needs eval_sets.mmeb")
+    emb = ctx.embeddings()
+    datasets = eval_sets.load_mmeb(ctx.store, ctx.cfg.eval_sets.mmeb, ctx.cfg.eval_sets.max_items)
+    per_dataset, results, rows = {}, [], []
+    for ds in datasets:
+        queries = emb.get([f"mmeb/{ds.name}/query/{r}" for r in range(len(ds.rows))])
+        n_cand = [len(row.candidates) for row in ds.rows]
+        if len(set(n_cand)) != 1:
+            raise EvaluationError(f"MMEB dataset {ds.name}: rows have different candidate counts {sorted(set(n_cand))}")
+        cands = emb.get([f"mmeb/{ds.name}/candidate/{r}/{k}" for r in range(len(ds.rows)) for k in range(n_cand[0])])
+        hits = mmeb.hits_at_1(queries, cands.view(len(ds.rows), n_cand[0], -1))
+        per_dataset[ds.name] = float(hits.float().mean())
+        results += [{"dataset": ds.name, "row": r, "hit": bool(h)} for r, h in enumerate(hits.tolist())]
+        rows.append([ds.name, ds.meta_task, ds.split, len(ds.rows), per_dataset[ds.name]])
+    metrics = mmeb.mmeb_summary(per_dataset, datasets)
+    return FamilyResult(metrics, results, {}, [("MMEB-style retrieval (P@1)", ["dataset", "meta-task", "split", "rows", "p@1"], rows)])
+
+
+def _gap(ctx: Context) -> FamilyResult:
+    emb = ctx.embeddings()
+    metrics, files, rows = {}, {}, []
+    for n, (name, uri) in enumerate(ctx.cfg.eval_sets.retrieval.items()):
+        rs = eval_sets.load_retrieval(ctx.store, uri, name, ctx.cfg.eval_sets.max_items)
+        first_caption = {}
+        for j, i in enumerate(rs.caption_image.tolist()):
+            first_caption.setdefault(i, j)
+        pairs = sorted(first_caption.items())
+        images = emb.get([f"retrieval/{name}/image/{i}" for i, _ in pairs])
+        texts = emb.get([f"retrieval/{name}/text/{j}" for _, j in pairs])
+        out = gap.modality_gap(images, texts)
+        metrics.update({f"gap/{name}/{k.split('/', 1)[1]}": v for k, v in out.items()})
+        if n == 0:  # the headline figure: the first retrieval set
+            metrics.update(out)
+        files[f"gap_{name}.png"] = gap.gap_scatter_png(images, texts, max_pairs=ctx.cfg.evaluate.gap_pairs)
+        rows.append([name, len(pairs), *out.values()])
+    if not rows:
+        raise EvaluationError("family gap needs a retrieval set in eval_sets.retrieval")
+    return FamilyResult(metrics, [], files, [("Modality gap", ["set", "pairs", *out.keys()], rows)])
+
+
+def _pope(ctx: Context) -> FamilyResult:
+    if not ctx.cfg.eval_sets.pope:
+        raise EvaluationError("family pope needs eval_sets.pope")
+    g = ctx.cfg.evaluate.generation
+    splits = eval_sets.load_pope(ctx.store, ctx.cfg.eval_sets.pope, ctx.cfg.eval_sets.max_items)
+    per_split, results, rows = {}, [], []
+    for split, questions in splits.items():
+        answers = ctx.generate([(q.question + g.pope_suffix, q.image) for q in questions], g.max_new_tokens, f"pope/{split}")
+        predictions = [pope.parse_yes_no(a) for a in answers]
+        per_split[split] = pope.pope_metrics([q.label for q in questions], predictions)
+        results += [{"split": split, "question_id": q.question_id, "image": q.image_name, "question": q.question,
+                     "label": q.label, "answer": a, "parsed": p} for q, a, p in zip(questions, answers, predictions)]
+        rows.append([split, len(questions), *per_split[split].values()])
+    metrics = pope.pope_summary(per_split)
+    header = ["split", "questions", *next(iter(per_split.values())).keys()]
+    return FamilyResult(metrics, results, {}, [("POPE (object hallucination, yes = positive)", header, rows)])
+
+
+def _caption(ctx: Context) -> FamilyResult:
+    if not ctx.cfg.eval_sets.caption:
+        raise EvaluationError("family caption needs eval_sets.caption")
+    g = ctx.cfg.evaluate.generation
+    cs = eval_sets.load_caption_set(ctx.store, ctx.cfg.eval_sets.caption, ctx.cfg.eval_sets.max_items)
+    texts = ctx.generate([(g.caption_prompt, img) for img in cs.images], g.caption_max_new_tokens, "caption")
+    mentioned = [caption_metrics.objects_mentioned(t, cs.vocabulary) for t in texts]
+    metrics = caption_metrics.caption_metrics(mentioned, cs.objects, cs.classes)
+    results = [{"image": name, "description": t, "mentioned": sorted(m), "truth": sorted(truth)}
+               for name, t, m, truth in zip(cs.image_names, texts, mentioned, cs.objects)]
+    rows = [[k.split("/", 1)[1], v] for k, v in metrics.items() if not k.startswith("caption/class/")]
+    return FamilyResult(metrics, results, {}, [("Caption hallucination (objects mentioned vs present)", ["metric", "value"], rows)])
+
+
+def _mc(ctx: Context) -> FamilyResult:
+    g = ctx.cfg.evaluate.generation
+    metrics, results, rows = {}, [], []
+    for name, uri in ctx.cfg.eval_sets.mc.items():
+        questions = eval_sets.load_choice(ctx.store, uri, name, ctx.cfg.eval_sets.max_items)
+        answers = ctx.generate([(q.question + g.mc_suffix, q.image) for q in questions], g.max_new_tokens, f"mc/{name}")
+        letters = [choice.extract_letter(a) for a in answers]
+        out = choice.choice_metrics(name, letters, [q.answer for q in questions], [q.category for q in questions])
+        metrics.update(out)
+        results += [{"set": name, "index": q.index, "answer": q.answer, "generated": a, "letter": l}
+                    for q, a, l in zip(questions, answers, letters)]
+        rows.append([name, len(questions), out[f"mc/{name}/accuracy"]])
+    return FamilyResult(metrics, results, {}, [("Multiple-choice understanding", ["set", "questions", "accuracy"], rows)])
+
+
+FAMILY_RUNNERS: dict[str, Callable[[Context], FamilyResult]] = {
+    "retrieval": _retrieval, "mmeb": _mmeb, "gap": _gap, "pope": _pope, "caption": _caption, "mc": _mc,
+}
+
+
+# --- stage -------------------------------------------------------------------------------------------
+
+
+def _header(cfg: CafeConfig, ref: CheckpointRef) -> dict[str, Any]:
+    return {"run_id": cfg.run_id, "checkpoint": ref.uri, "checkpoint_digest": ref.digest,
+            "embeddings": cfg.evaluate.embeddings,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "code_version": code_version(), "config_digest": cfg.digest()}
+
+
+def _check_numbers(family: str, metrics: dict[str, float]) -> None:
+    bad = [k for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
+    if bad:  # recorded as they are; the gate fails closed on them
+        print(f"evaluate: warning: {family} produced non-finite metrics: {', '.join(bad)}")
+
+
+def run_family(cfg: CafeConfig, store: Storage, family: str, progress: bool = True, ctx: Context | None = None) -> dict[str, float]:
+    """Evaluate one family and commit `{evaluate.output}/<family>/`. Un-commits the combined output first."""
+    ctx = ctx or Context(cfg, store, progress)
+    _uncommit(store, cfg.evaluate.output)
+    result = FAMILY_RUNNERS[family](ctx)
+    _check_numbers(family, result.metrics)
+    out = OutputWriter(store, join(cfg.evaluate.output, family), kind=f"evaluation-{family}")
+    out.put_json(METRICS_FILE, {**_header(cfg, ctx.ref), "family": family, "metrics": result.metrics,
+                                "tables": [{"title": t, "header": h, "rows": r} for t, h, r in result.tables]})
+    out.put_bytes("results.jsonl", json_lines(result.results))
+    for name, data in result.files.items():
+        out.put_bytes(name, data)
+    out.commit(meta={"family": family, "metrics": len(result.metrics), "checkpoint_digest": ctx.ref.digest})
+    return result.metrics
+
+
+def _uncommit(store: Storage, prefix: str) -> None:
+    manifest = join(prefix, MANIFEST)
+    if store.exists(manifest):
+        store.delete(manifest)
+
+
+def merge(cfg: CafeConfig, store: Storage, families: list[str] | None = None) -> dict[str, Any]:
+    """Combine the families' committed outputs into `metrics.json` + `report.html`, committed at
+    `{evaluate.output}` with a manifest that also lists every family's files."""
+    families = families or list(cfg.evaluate.families)
+    ref = locate(store, cfg.evaluate.checkpoint)
+    base = cfg.evaluate.output
+    metrics: dict[str, float] = {}
+    tables, images, entries = [], {}, []
+    for family in families:
+        prefix = join(base, family)
+        manifest = verify_output(store, prefix, read_manifest(store, prefix), checksums=False)
+        part = store.read_json(join(prefix, METRICS_FILE))
+        if part.get("checkpoint_digest") != ref.digest or part.get("run_id") != cfg.run_id:
+            raise EvaluationError(f"{prefix} was computed for another checkpoint or run; run `cafe evaluate --family {family}` again")
+        metrics.update(part["metrics"])
+        tables += [(t["title"], t["header"], t["rows"]) for t in part["tables"]]
+        for e in manifest.entries:
+            entries.append(e.model_copy(update={"name": f"{family}/{e.name}"}))
+            if e.name.endswith(".png"):
+                images[f"{family}/{e.name}"] = store.read_bytes(join(prefix, e.name))
+        manifest_bytes = store.read_bytes(join(prefix, MANIFEST))
+        from cafe_core.storage import ManifestEntry, sha256_bytes
+        entries.append(ManifestEntry(name=f"{family}/{MANIFEST}", size=len(manifest_bytes), sha256=sha256_bytes(manifest_bytes)))
+    record = {**_header(cfg, ref), "families": families, "metrics": dict(sorted(metrics.items()))}
+    out = OutputWriter(store, base, kind="evaluation")
+    for e in entries:
+        out.add_uploaded(e)
+    out.put_json(METRICS_FILE, record)
+    out.put_text("report.html", render_report(record, tables, images))
+    out.commit(meta={"families": families, "metrics": len(metrics), "checkpoint_digest": ref.digest})
+    return record
+
+
+def evaluate(cfg: CafeConfig, store: Storage, families: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the families (default: evaluate.families) and merge them."""
+    families = families or list(cfg.evaluate.families)
+    ctx = Context(cfg, store, progress)
+    for family in families:
+        run_family(cfg, store, family, progress, ctx)
+    return merge(cfg, store, families)

@@ -1,0 +1,115 @@
+"""Export and evaluation on a tiny untrained model (local storage): the files, resume by shard, the
+stale-export check, every family's metric names, raw results and the report."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from cafe_core.config import ModelConfig, load_config
+from cafe_core.data.synth import generate
+from cafe_core.evaluate.export import Embeddings, ExportError, export
+from cafe_core.evaluate.run import EvaluationError, evaluate
+from cafe_core.model.build import build, save
+from cafe_core.storage import OutputWriter, Storage, read_manifest, verify_output
+
+pytestmark = pytest.mark.slow
+
+
+def write_model(store: Storage, prefix: str, seed: int) -> str:
+    """A committed output shaped like `cafe train`'s final/: the HF folder under model/."""
+    model, processor = build(ModelConfig(init_seed=seed))
+    out = OutputWriter(store, prefix, kind="trained-model")
+    with tempfile.TemporaryDirectory() as tmp:
+        save(model, processor, Path(tmp), cafe_config_yaml="{}", metrics={})
+        for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+            out.put_file(f"model/{path.relative_to(tmp).as_posix()}", path)
+    out.commit(meta={"steps": 0})
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = load_config("configs/local.yaml", [
+        f"root={root}", "run_id=e1", "synth.train_size=4", "synth.retrieval_images=6", "synth.pope_images=2",
+        "synth.mmeb_rows_per_dataset=2", "synth.mc_questions=3", "synth.caption_images=2",
+        "export.shard_size=16", "export.batch_size=8", "evaluate.generation.caption_max_new_tokens=12",
+        "evaluate.gap_pairs=6",
+    ])
+    store = Storage()
+    generate(cfg.synth, store)
+    write_model(store, cfg.export.checkpoint, seed=0)
+    return cfg, store
+
+
+def test_export_writes_committed_shards_and_an_index_and_resumes_by_shard(world):
+    cfg, store = world
+    first = export(cfg, store, progress=False)
+    manifest = verify_output(store, cfg.export.output)
+    assert first.shards > 2 and first.reused_shards == 0
+    assert manifest.meta["items"] == first.items and "index.parquet" in manifest.names()
+    emb = Embeddings(store, cfg.export.output)
+    assert emb.matrix.shape == (first.items, first.dim)
+    torch.testing.assert_close(emb.matrix.norm(dim=-1), torch.ones(first.items))
+    ids = list(emb.index["id"])
+    assert ids[0] == "retrieval/shapes/image/0" and any(i.startswith("mmeb/") for i in ids)
+    assert "retrieval/shapes/text/29" in ids  # 6 images x 5 captions, flattened
+    assert set(emb.index["modality"]) == {"image", "text", "interleaved"}
+
+    # An interrupted export: the manifest and the last shard are gone; the rest is reused, same numbers.
+    last = f"{cfg.export.output}/shards/shard-{first.shards - 1:05d}"
+    store.delete(f"{cfg.export.output}/_MANIFEST.json")
+    store.delete(f"{last}.safetensors")
+    again = export(cfg, store, progress=False)
+    assert again.reused_shards == first.shards - 1
+    torch.testing.assert_close(Embeddings(store, cfg.export.output).matrix, emb.matrix)
+
+
+def test_export_of_another_checkpoint_recomputes_and_evaluate_refuses_a_stale_export(world, tmp_path):
+    cfg, store = world
+    other = cfg.model_copy(deep=True)
+    other.export.checkpoint = write_model(store, str(tmp_path / "other"), seed=1)
+    other.export.output = str(tmp_path / "export-other")
+    export(other, store, progress=False)
+    # evaluate the first checkpoint against the other checkpoint's embeddings: refused, with the fix
+    mixed = cfg.model_copy(deep=True)
+    mixed.evaluate.embeddings = other.export.output
+    mixed.evaluate.output = str(tmp_path / "evaluate-mixed")
+    with pytest.raises(EvaluationError, match="run `cafe export`"):
+        evaluate(mixed, store, families=["retrieval"], progress=False)
+
+
+def test_evaluate_every_family_writes_metrics_results_and_report(world):
+    cfg, store = world
+    export(cfg, store, progress=False)
+    record = evaluate(cfg, store, progress=False)
+    manifest = verify_output(store, cfg.evaluate.output)
+    names = manifest.names()
+    for family in ("retrieval", "mmeb", "pope", "caption", "mc", "gap"):
+        assert f"{family}/metrics.json" in names and f"{family}/_MANIFEST.json" in names
+    assert "report.html" in names and "gap/gap_shapes.png" in names
+    m = record["metrics"]
+    for key in ("retrieval/shapes/i2t_R@1", "retrieval/shapes/t2i_R@10", "mmeb/overall/p@1", "pope/random/f1",
+                "pope/average/yes_ratio", "caption/classwise/f0.5", "mc/mmstar/accuracy", "gap/centroid_distance"):
+        assert key in m and 0 <= m[key] <= 2, key
+    assert m["retrieval/shapes/i2t_R@10"] >= m["retrieval/shapes/i2t_R@1"]
+    assert record["run_id"] == "e1" and record["checkpoint_digest"] == read_manifest(store, cfg.export.output).meta["checkpoint_digest"]
+    pope_rows = [json.loads(line) for line in store.read_text(f"{cfg.evaluate.output}/pope/results.jsonl").splitlines()]
+    assert pope_rows and all({"question", "answer", "parsed", "label"} <= set(r) for r in pope_rows)
+    report = store.read_text(f"{cfg.evaluate.output}/report.html")
+    assert "Zero-shot retrieval" in report and "POPE" in report and "data:image/png;base64," in report
+
+
+def test_export_without_sets_is_refused(world, tmp_path):
+    cfg, store = world
+    empty = cfg.model_copy(deep=True)
+    empty.eval_sets.retrieval = {}
+    empty.eval_sets.mmeb = None
+    empty.export.output = str(tmp_path / "x")
+    with pytest.raises(ExportError, match="nothing to export"):
+        export(empty, store, progress=False)

@@ -1,0 +1,351 @@
+"""The promotion gate: the hand-computed truth table of `evaluate_rules`, and `decide` failing closed on real
+files (a local folder, and the real S3 server)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cafe_core.config import CafeConfig, GateConfig, GateRule, load_config
+from cafe_core.gate import (
+    Decision,
+    checkpoint_digest,
+    decide,
+    evaluate_rules,
+    load_rules,
+    read_decision,
+    write_decision,
+)
+from cafe_core.storage import MANIFEST, NotCommittedError, OutputWriter, Storage, join, read_manifest
+
+# --- helpers (test_registry.py uses them too) --------------------------------------------------------
+
+GOOD = {
+    "retrieval/shapes/i2t_R@1": 0.42,
+    "retrieval/shapes/t2i_R@1": 0.40,
+    "retrieval/shapes/i2t_R@5": 0.80,
+    "pope/random/f1": 0.70,
+    "pope/popular/f1": 0.68,
+    "pope/random/yes_ratio": 0.5,
+    "pope/popular/yes_ratio": 0.5,
+    "caption/classwise/f0.5": 0.5,
+    "mmeb/overall/p@1": 0.3,
+    "gap/centroid_distance": 0.8,
+}
+RULES = [
+    GateRule(metric="retrieval/*/i2t_R@1", min=0.10),
+    GateRule(metric="pope/*/f1", min=0.5, max_drop=0.05),
+    GateRule(metric="pope/*/yes_ratio", min=0.2, max=0.8),
+]
+
+
+def make_model(store: Storage, uri: str, weights: bytes = b"weights-1") -> str:
+    """A committed `cafe train`-style output (model/ inside); returns its checkpoint digest."""
+    out = OutputWriter(store, uri, kind="trained-model")
+    out.put_json("model/config.json", {"model_type": "llava_onevision"})
+    out.put_bytes("model/model.safetensors", weights * 100)
+    out.put_text("config.yaml", "run_id: x\n")
+    out.commit()
+    return checkpoint_digest(store, uri)
+
+
+def make_metrics(store: Storage, prefix: str, *, run_id: str, digest: str | None, metrics: dict, checkpoint: str = "") -> str:
+    """A committed `cafe evaluate` output holding metrics.json (NaN written as json.dumps writes it)."""
+    out = OutputWriter(store, prefix, kind="evaluation")
+    body = {"run_id": run_id, "checkpoint": checkpoint, "checkpoint_digest": digest,
+            "created": "2026-11-22T10:00:00+00:00", "code_version": "git:test", "config_digest": "c0ffee",
+            "metrics": metrics}
+    uri = out.put_bytes("metrics.json", json.dumps(body, indent=2).encode())
+    out.commit()
+    return uri
+
+
+def make_cfg(root: str, run_id: str = "r1", rules: list[GateRule] | None = None) -> CafeConfig:
+    cfg = load_config(None, [f"root={root}", f"run_id={run_id}"])
+    cfg.gate.rules = list(RULES if rules is None else rules)
+    return cfg
+
+
+def make_candidate(store: Storage, root: str, run_id: str, metrics: dict | None = None,
+                   weights: bytes | None = None, rules: list[GateRule] | None = None) -> CafeConfig:
+    """A trained model and its evaluation for one run, as the real stages lay them out."""
+    cfg = make_cfg(root, run_id, rules)
+    digest = make_model(store, cfg.gate.checkpoint, weights or f"weights-{run_id}".encode())
+    make_metrics(store, cfg.gate.metrics, run_id=run_id, digest=digest,
+                 metrics=dict(GOOD if metrics is None else metrics), checkpoint=cfg.gate.checkpoint)
+    return cfg
+
+
+def gate_run(store: Storage, root: str, run_id: str, metrics: dict | None = None,
+             **kw) -> tuple[CafeConfig, Decision, str]:
+    """make_candidate, then decide and write the decision: (cfg, decision, decision.json URI)."""
+    cfg = make_candidate(store, root, run_id, metrics, **kw)
+    decision = decide(cfg, store)
+    return cfg, decision, write_decision(store, cfg, decision)
+
+
+# --- the truth table (pure) --------------------------------------------------------------------------
+
+
+def one(rule: GateRule, metrics: dict, champion: dict | None = None):
+    (v,) = evaluate_rules([rule], metrics, champion)
+    return v
+
+
+def test_pass_within_absolute_bounds():
+    v = one(GateRule(metric="pope/random/yes_ratio", min=0.2, max=0.8), {"pope/random/yes_ratio": 0.5})
+    assert v.passed and v.verdict == "PASS" and v.value == 0.5 and v.min == 0.2 and v.max == 0.8
+    assert v.reason == "0.5 >= min 0.2; 0.5 <= max 0.8"
+
+
+@pytest.mark.parametrize("value,passed", [(0.09, False), (0.10, True), (0.11, True)])
+def test_min(value, passed):
+    v = one(GateRule(metric="m", min=0.10), {"m": value})
+    assert v.passed is passed
+    if not passed:
+        assert v.reason == "0.09 < min 0.1"
+
+
+@pytest.mark.parametrize("value,passed", [(0.81, False), (0.80, True), (0.2, True)])
+def test_max(value, passed):
+    v = one(GateRule(metric="m", max=0.80), {"m": value})
+    assert v.passed is passed
+    if not passed:
+        assert "> max 0.8" in v.reason
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "0.5", None, True, [0.5]])
+def test_non_numbers_fail(bad):
+    v = one(GateRule(metric="m", max=1.0), {"m": bad})
+    assert not v.passed and v.value is None
+    assert ("NaN" if isinstance(bad, float) and math.isnan(bad) else "not a finite number") in v.reason
+
+
+def test_missing_metric_fails():
+    v = one(GateRule(metric="mmeb/overall/p@1", min=0.2), {"other": 1.0})
+    assert not v.passed and v.metric == "mmeb/overall/p@1" and v.reason.startswith("missing: the metric is missing")
+
+
+def test_glob_matching_nothing_fails():
+    v = one(GateRule(metric="retrieval/*/i2t_R@1", min=0.1), {"pope/random/f1": 0.7})
+    assert not v.passed and v.metric == "retrieval/*/i2t_R@1" and "no metric matches" in v.reason
+
+
+def test_glob_checks_each_slice_on_its_own():
+    metrics = {"retrieval/coco/i2t_R@1": 0.30, "retrieval/flickr/i2t_R@1": 0.05, "retrieval/coco/t2i_R@1": 0.0}
+    vs = evaluate_rules([GateRule(metric="retrieval/*/i2t_R@1", min=0.10)], metrics, None)
+    assert [(v.metric, v.passed) for v in vs] == [("retrieval/coco/i2t_R@1", True), ("retrieval/flickr/i2t_R@1", False)]
+    assert all(v.rule == "retrieval/*/i2t_R@1" for v in vs)
+
+
+# champion 0.70, max_drop 0.05: a drop of exactly 0.05 is allowed, 0.06 is not, a gain always passes.
+@pytest.mark.parametrize("value,passed,delta", [(0.66, True, -0.04), (0.65, True, -0.05), (0.64, False, -0.06),
+                                                (0.90, True, 0.20)])
+def test_max_drop_higher_is_better(value, passed, delta):
+    v = one(GateRule(metric="pope/random/f1", max_drop=0.05), {"pope/random/f1": value}, {"pope/random/f1": 0.70})
+    assert v.passed is passed and v.champion == 0.70 and v.delta == pytest.approx(delta)
+    if not passed:
+        assert "drop +0.06 vs champion 0.7 > max_drop 0.05" == v.reason
+
+
+# lower is better (a distance): champion 0.80, max_drop 0.05: 0.85 passes, 0.86 fails, 0.10 is a gain.
+@pytest.mark.parametrize("value,passed", [(0.84, True), (0.85, True), (0.86, False), (0.10, True)])
+def test_max_drop_lower_is_better(value, passed):
+    rule = GateRule(metric="gap/centroid_distance", direction="lower", max_drop=0.05)
+    v = one(rule, {"gap/centroid_distance": value}, {"gap/centroid_distance": 0.80})
+    assert v.passed is passed and v.delta == pytest.approx(value - 0.80)
+
+
+# champion 0.50, 10%: allowed drop 0.05 (either direction of "better").
+@pytest.mark.parametrize("direction,value,passed", [
+    ("higher", 0.46, True), ("higher", 0.45, True), ("higher", 0.44, False), ("higher", 0.60, True),
+    ("lower", 0.54, True), ("lower", 0.55, True), ("lower", 0.56, False), ("lower", 0.40, True),
+])
+def test_max_drop_relative(direction, value, passed):
+    rule = GateRule(metric="m", direction=direction, max_drop_relative=0.10)
+    v = one(rule, {"m": value}, {"m": 0.50})
+    assert v.passed is passed, v.reason
+    if not passed:
+        assert "> 10% of it (0.05)" in v.reason
+
+
+def test_champion_lacking_the_metric_fails():
+    v = one(GateRule(metric="pope/random/f1", min=0.5, max_drop=0.05), {"pope/random/f1": 0.7}, {"other": 1.0})
+    assert not v.passed and "champion has no 'pope/random/f1'" in v.reason
+
+
+def test_champion_nan_fails():
+    v = one(GateRule(metric="m", max_drop_relative=0.1), {"m": 0.7}, {"m": float("nan")})
+    assert not v.passed and "not a finite number: cannot compare" in v.reason
+
+
+def test_no_champion_skips_drop_checks_but_not_absolute_bounds():
+    rule = GateRule(metric="pope/random/f1", min=0.5, max_drop=0.05, max_drop_relative=0.1)
+    ok = one(rule, {"pope/random/f1": 0.7}, None)
+    assert ok.passed and "drop checks skipped" in ok.reason and ok.champion is None and ok.delta is None
+    low = one(rule, {"pope/random/f1": 0.4}, None)
+    assert not low.passed and low.reason == "0.4 < min 0.5"
+
+
+def test_rules_file_errors_name_the_rule(tmp_path):
+    bad = tmp_path / "rules.yaml"
+    bad.write_text("rules:\n  - metric: pope/*/f1\n    min: 0.5\n  - metric: retrieval/*/i2t_R@1\n")
+    with pytest.raises(ValueError, match=r"rules\[1\] \(retrieval/\*/i2t_R@1\).*no bound"):
+        load_rules(Storage(), str(bad))
+    bad.write_text("gate: {}\n")
+    with pytest.raises(ValueError, match="rules:"):
+        load_rules(Storage(), str(bad))
+
+
+def test_shipped_gate_yaml_is_valid_and_judges():
+    rules = load_rules(Storage(), str(Path(__file__).parents[1] / "configs" / "gate.yaml"))
+    gate = GateConfig(rules=rules)
+    assert len(gate.rules) >= 7
+    champion = dict(GOOD)
+    assert all(v.passed for v in evaluate_rules(gate.rules, GOOD, champion)), "the sample metrics should pass"
+    worse = {**GOOD, "retrieval/shapes/t2i_R@1": 0.35}  # 12.5% below the champion's 0.40
+    failed = [v.metric for v in evaluate_rules(gate.rules, worse, champion) if not v.passed]
+    assert failed == ["retrieval/shapes/t2i_R@1"]
+
+
+# --- decide(): fails closed, on real files -----------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path) -> tuple[Storage, str]:
+    if request.param == "local":
+        return Storage(), str(tmp_path / "cafe")
+    request.getfixturevalue("s3_env")
+    return Storage(multipart_threshold_mb=5, multipart_chunk_mb=5), request.getfixturevalue("bucket")
+
+
+def test_pass_is_recorded_with_everything(where):
+    store, root = where
+    cfg, decision, uri = gate_run(store, root, "r1")
+    assert decision.decision == "PASS" and decision.reasons == [] and decision.champion is None
+    assert decision.checkpoint_digest == checkpoint_digest(store, cfg.gate.checkpoint)
+    assert decision.run_id == "r1" and decision.config_digest == cfg.digest() and decision.code_version
+    assert decision.inputs.registry == join(cfg.registry.uri, cfg.registry.model_name)
+    assert len(decision.verdicts) == 5 and all(v.passed for v in decision.verdicts)
+    assert uri == join(cfg.gate.output, "decision.json")
+    assert read_manifest(store, cfg.gate.output).kind == "gate-decision"
+    record = json.loads(store.read_bytes(uri))
+    assert {"decision", "reasons", "verdicts", "champion", "inputs", "checkpoint_digest", "run_id", "code_version",
+            "config_digest", "rules", "time"} <= set(record)
+    assert {"metric", "value", "min", "max", "max_drop", "delta", "verdict", "reason"} <= set(record["verdicts"][0])
+    assert read_decision(store, uri) == decision
+    why = store.read_text(join(cfg.gate.output, "why.md"))
+    assert why.splitlines()[0].startswith("PASS: run r1, 5/5 checks passed") and "| `pope/random/f1` |" in why
+
+
+def test_uncommitted_metrics_fail(tmp_path):
+    store, root = Storage(), str(tmp_path)
+    cfg = make_candidate(store, root, "r1")
+    store.delete(join(cfg.gate.metrics, MANIFEST))  # the evaluation never finished
+    d = decide(cfg, store)
+    assert d.decision == "FAIL" and d.verdicts == []
+    assert "not a committed output" in d.reasons[0]
+    write_decision(store, cfg, d)  # a FAIL is written like a PASS
+    assert read_decision(store, join(cfg.gate.output, "decision.json")).decision == "FAIL"
+    assert store.read_text(join(cfg.gate.output, "why.md")).startswith("FAIL")
+
+
+def test_metrics_of_another_run_fail(where):
+    store, root = where
+    cfg = make_candidate(store, root, "r1")
+    digest = checkpoint_digest(store, cfg.gate.checkpoint)
+    make_metrics(store, cfg.gate.metrics, run_id="r0", digest=digest, metrics=GOOD)
+    d = decide(cfg, store)
+    assert d.decision == "FAIL" and any("run_id is 'r0', not this run's 'r1'" in r for r in d.reasons)
+
+
+def test_stale_metrics_fail(tmp_path):
+    """The checkpoint was re-trained after evaluation: its manifest digest no longer matches."""
+    store, root = Storage(), str(tmp_path)
+    cfg = make_candidate(store, root, "r1")
+    make_model(store, cfg.gate.checkpoint, b"retrained")
+    d = decide(cfg, store)
+    assert d.decision == "FAIL" and any(r.startswith("stale metrics") for r in d.reasons)
+    assert all(v.passed for v in d.verdicts), "the values themselves were fine: only staleness fails"
+
+
+def test_missing_checkpoint_fails(tmp_path):
+    store, root = Storage(), str(tmp_path)
+    cfg = make_candidate(store, root, "r1")
+    store.delete(join(cfg.gate.checkpoint, MANIFEST))
+    d = decide(cfg, store)
+    assert d.decision == "FAIL" and d.checkpoint_digest is None
+    assert any("checkpoint" in r and "not a committed output" in r for r in d.reasons)
+
+
+def test_tampered_or_foreign_metrics_fail(tmp_path):
+    store, root = Storage(), str(tmp_path)
+    cfg = make_candidate(store, root, "r1")
+    uri = join(cfg.gate.metrics, "metrics.json")
+    body = json.loads(store.read_bytes(uri))
+    body["metrics"]["pope/random/f1"] = 0.99
+    store.write_bytes(uri, json.dumps(body).encode())
+    assert any("does not match its manifest" in r for r in decide(cfg, store).reasons)
+    out = OutputWriter(store, cfg.gate.metrics, kind="pairs")  # a committed output of the wrong stage
+    out.put_bytes("metrics.json", b"{}")
+    out.commit()
+    assert any("is a 'pairs' output, not an 'evaluation' one" in r for r in decide(cfg, store).reasons)
+
+
+def test_nan_and_missing_metrics_fail(tmp_path):
+    store, root = Storage(), str(tmp_path)
+    metrics = {**GOOD, "pope/popular/f1": float("nan")}
+    del metrics["retrieval/shapes/i2t_R@1"]
+    metrics["gap/centroid_distance"] = float("nan")  # unchecked by any rule: still a broken evaluation
+    cfg = make_candidate(store, root, "r1", metrics)
+    d = decide(cfg, store)
+    assert d.decision == "FAIL"
+    failed = sorted(v.metric for v in d.verdicts if not v.passed)
+    assert failed == ["pope/popular/f1", "retrieval/*/i2t_R@1"]
+    assert any("non-finite or non-numeric values for gap/centroid_distance, pope/popular/f1" in r for r in d.reasons)
+    record = json.loads(Decision.model_dump_json(d))  # the record stays valid JSON
+    assert record["decision"] == "FAIL"
+
+
+def test_metrics_of_an_unpinned_checkpoint_fail(tmp_path):
+    store, root = Storage(), str(tmp_path)
+    cfg = make_candidate(store, root, "r1")
+    make_metrics(store, cfg.gate.metrics, run_id="r1", digest=None, metrics=GOOD, checkpoint="/some/hf/folder")
+    d = decide(cfg, store)
+    assert d.decision == "FAIL" and any("has no manifest digest" in r for r in d.reasons)
+
+
+def test_no_rules_is_not_a_pass(tmp_path):
+    store, root = Storage(), str(tmp_path)
+    cfg = make_candidate(store, root, "r1", rules=[])
+    d = decide(cfg, store)
+    assert d.decision == "FAIL" and d.verdicts == [] and "nothing checked is not a pass" in d.reasons[0]
+
+
+def test_unreadable_champion_fails(where):
+    store, root = where
+    cfg = make_candidate(store, root, "r1")
+    aliases = join(cfg.registry.uri, cfg.registry.model_name, "aliases.json")
+    store.write_json(aliases, {"champion": "v1", "previous": None, "history": []})  # v1 was never committed
+    d = decide(cfg, store)
+    assert d.decision == "FAIL" and any(r.startswith("champion unreadable") for r in d.reasons)
+    # the drop checks could not be made, so they do not pass as "no champion" would
+    assert [v.passed for v in d.verdicts if v.max_drop is not None] == [False, False]
+    store.write_bytes(aliases, b"{not json")
+    d = decide(cfg, store)
+    assert d.decision == "FAIL" and any("is corrupt" in r for r in d.reasons)
+
+
+def test_checkpoint_digest_is_the_manifest_hash(tmp_path):
+    store = Storage()
+    uri = str(tmp_path / "m")
+    digest = make_model(store, uri)
+    import hashlib
+
+    assert digest == hashlib.sha256((tmp_path / "m" / MANIFEST).read_bytes()).hexdigest()
+    with pytest.raises(NotCommittedError):
+        checkpoint_digest(store, str(tmp_path / "nothing"))
