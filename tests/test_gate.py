@@ -30,6 +30,8 @@ GOOD = {
     "retrieval/shapes/i2t_R@5": 0.80,
     "pope/random/f1": 0.70,
     "pope/popular/f1": 0.68,
+    "pope/random/accuracy": 0.70,
+    "pope/popular/accuracy": 0.66,
     "pope/random/yes_ratio": 0.5,
     "pope/popular/yes_ratio": 0.5,
     "caption/classwise/f0.5": 0.5,
@@ -189,6 +191,14 @@ def test_no_champion_skips_drop_checks_but_not_absolute_bounds():
     assert ok.passed and "drop checks skipped" in ok.reason and ok.champion is None and ok.delta is None
     low = one(rule, {"pope/random/f1": 0.4}, None)
     assert not low.passed and low.reason == "0.4 < min 0.5"
+
+
+def test_production_rules_file_is_valid_and_stricter():
+    rules = load_rules(Storage(), "configs/gate-production.yaml")
+    tiny_like = {**GOOD, "pope/random/yes_ratio": 0.99, "retrieval/flickr30k/i2t_R@1": 0.36,
+                 "retrieval/flickr30k/t2i_R@1": 0.28, "mc/mmstar/accuracy": 0.2}
+    failed = {v.metric for v in evaluate_rules(rules, tiny_like, None) if not v.passed}
+    assert {"retrieval/flickr30k/i2t_R@1", "pope/random/yes_ratio", "caption/classwise/f0.5"} <= failed
 
 
 def test_rules_file_errors_name_the_rule(tmp_path):

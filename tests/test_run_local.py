@@ -1,4 +1,4 @@
-"""Integration: synth -> convert -> validate through the `cafe` command against a real SeaweedFS."""
+"""Integration: the whole `cafe run` (synth -> ... -> gate) through the `cafe` command against a real SeaweedFS."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def test_run_end_to_end(root):
                   f"{run}/validate/data_docs/index.html", f"{run}/train/final/model/", f"{run}/train/checkpoints/"):
         assert where in out.stdout, where
     assert "train: 2 processes under torchrun" in out.stdout
+    # 3 training steps cannot pass the shipped gate: the decision is written, promotion is skipped.
+    assert "FAIL: run it1" in out.stdout and "promote: skipped (the gate did not pass)" in out.stdout
+    for where in (f"{run}/export/index.parquet", f"{run}/evaluate/report.html", f"{run}/gate/decision.json"):
+        assert where in out.stdout, where
     store = Storage()
     synth = verify_output(store, f"{root}/datasets/shapes-v1")
     converted = verify_output(store, f"{run}/convert")

@@ -50,6 +50,8 @@ GENERATOR_VERSION = 1
 DATA_SOURCE = "shapes"
 TRAIN_PROMPT = "<image>\nDescribe the image in detail."
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+# LLaVA-style short-answer instruction: the training data asks presence questions the way POPE is asked.
+SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 IMAGE_TOKEN = "<|image_1|>"
 
 # Deliberately broken training rows, cycled in this order. Names follow the converter's reject reasons
@@ -261,7 +263,7 @@ def _train_row(
     choice = _train_choice(scene, rng, answer_index)
     conversations = _turns(
         TRAIN_PROMPT, caption,
-        presence_question(asked), "Yes" if yes else "No",
+        presence_question(asked) + SHORT_ANSWER_SUFFIX, "Yes" if yes else "No",
         choice.text() + MC_SUFFIX, choice.answer,
     )
     return {"id": row_id, "image": {"bytes": png, "path": f"{row_id}.png"}, "conversations": conversations,
