@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 benchmarks: $(STAMP)
-	$(PY) benchmarks/convert.py
+	for b in convert train_step retrieval export; do $(PY) benchmarks/$$b.py || exit 1; done
 
 # Re-resolve exact versions after changing dependencies (then commit constraints.txt).
 constraints:

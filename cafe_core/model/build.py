@@ -35,10 +35,14 @@ from transformers import (
     SiglipVisionConfig,
 )
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging as hf_logging
 
 from cafe_core.config import ModelConfig, ModelPreset, TinyModelConfig
 from cafe_core.model.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, VIDEO_TOKEN, build_tokenizer
 from cafe_core.storage import Storage, StorageError, check_relative, is_s3, relative_to, safe_name
+
+# Loading and saving a few files needs no progress bars of their own (the stages print their progress).
+hf_logging.disable_progress_bar()
 
 CAFE_CONFIG_FILE = "cafe_config.yaml"
 MODEL_CARD_FILE = "README.md"
