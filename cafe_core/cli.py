@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Callable, Sequence
 
 from cafe_core.config import FAMILIES, CafeConfig, ConfigError, load_config
@@ -217,47 +218,53 @@ def _with_store(stage: Callable[[CafeConfig, Storage], str]):
 
 
 def cmd_run(args) -> None:
-    """The main job on the embedded default: synth -> convert -> validate -> train -> export -> evaluate ->
-    gate -> promote (on PASS), then the metrics, the decision and where everything went."""
+    """The main job: the whole KFP pipeline locally through kfp.local (synth -> convert -> validate -> train ->
+    export -> evaluate -> gate -> promote on PASS), then the metrics, the decision and where everything went."""
     from cafe_core.evaluate.report import metrics_markdown
-    from cafe_core.evaluate.run import evaluate
-    from cafe_core.gate import decide, write_decision
+    from cafe_core.gate import read_decision
+    from cafe_core.local_run import run_pipeline
 
     cfg = _config(args)
     with connect(cfg.s3, _uris(cfg)) as store:
-        print(f"run {cfg.run_id} (config {cfg.digest()})")
+        print(f"run {cfg.run_id} (config {cfg.digest()}): the cafe pipeline through kfp.local")
         if store.endpoint_url:
             print(f"S3 endpoint: {store.endpoint_url}")
-        synth = _synth(cfg, store)
-        converted = _convert(cfg, store)
-        validated = _validate(cfg, store)
-        trained = _train(cfg, store)
-        exported = _export(cfg, store)
-        with _eval_errors():
-            record = evaluate(cfg, store)
-        decision = decide(cfg, store)
-        decision_uri = write_decision(store, cfg, decision)
+        passed_on = [o for o in args.overrides if not o.startswith(("run_id=", "root="))]  # given as parameters
+        try:
+            timing = run_pipeline(cfg, store, args.config, passed_on)
+        except RuntimeError as e:
+            raise StageFailed(f"run: the pipeline failed ({e}); the whole log: .cafe/logs/run-{cfg.run_id}.log") from None
+        record = store.read_json(f"{cfg.evaluate.output}/metrics.json")
+        decision = read_decision(store, f"{cfg.gate.output}/decision.json")
         print(f"\nMetrics ({cfg.evaluate.output}/metrics.json; all of them in report.html):")
         print(metrics_markdown(record["metrics"], HEADLINE_METRICS))
         print(f"\n{decision.summary()}")
-        promoted = _promote(cfg, store) if decision.passed else None
         if not decision.passed:
             print("promote: skipped (the gate did not pass)")
+        else:
+            aliases = store.read_json(f"{cfg.registry.uri}/{cfg.registry.model_name}/aliases.json")
+            print(f"promote: champion {aliases['champion']} (previous {aliases['previous']})")
+        work = sum(timing["steps"].values())
+        print(f"\nPipeline: {timing['wall']:.0f} s wall; the steps' own time {work:.0f} s (imports inside them "
+              f"included), kfp.local's orchestration {timing['wall'] - work:.0f} s; log {timing['log']}")
+        run = f"{cfg.root}/runs/{cfg.run_id}"
         print("\nWhere everything went:")
-        print(f"  synthetic data     {synth}/  (train/, eval/)")
-        print(f"  converted pairs    {converted}/pairs/")
-        print(f"  rejects, stats     {converted}/rejects.jsonl  {converted}/stats.json")
-        print(f"  validation         {validated}/summary.txt  {validated}/data_docs/index.html")
+        print(f"  synthetic data     {cfg.synth.output}/  (train/, eval/)")
+        print(f"  converted pairs    {run}/convert/pairs/  {run}/convert/rejects.jsonl  {run}/convert/stats.json")
+        print(f"  validation         {run}/validate/summary.txt  {run}/validate/data_docs/index.html")
         print(f"  checkpoints        {cfg.train.output}/checkpoints/  (latest.json)")
-        print(f"  trained model      {trained}/model/  {trained}/metrics.jsonl  {trained}/loss_curve.png")
-        print(f"  embeddings         {exported}/index.parquet  {exported}/shards/")
+        print(f"  trained model      {cfg.train.output}/final/model/  {cfg.train.output}/final/loss_curve.png")
+        print(f"  embeddings         {cfg.export.output}/index.parquet  {cfg.export.output}/shards/")
         print(f"  evaluation         {cfg.evaluate.output}/metrics.json  {cfg.evaluate.output}/report.html")
-        print(f"  gate decision      {decision_uri}  {cfg.gate.output}/why.md")
-        if promoted:
-            print(f"  champion           {promoted}")
+        print(f"  gate decision      {cfg.gate.output}/decision.json  {cfg.gate.output}/why.md")
+        print(f"  registry           {cfg.registry.uri}/{cfg.registry.model_name}/aliases.json")
+        print(f"  KFP artifacts      {KFP_LOCAL_ROOT}/  (kfp.local's pipeline root)")
         if store.endpoint_url and is_s3(cfg.root):
-            print(browse_hint(store.endpoint_url, f"{cfg.root}/runs/{cfg.run_id}/"))
+            print(browse_hint(store.endpoint_url, f"{run}/"))
             print("  (the embedded server stops with this command; `cafe s3 serve` keeps one running)")
+
+
+KFP_LOCAL_ROOT = ".cafe/kfp-local"
 
 
 def cmd_s3_serve(args) -> None:
@@ -279,6 +286,51 @@ def cmd_s3_serve(args) -> None:
     finally:
         server.stop()
         print("stopped")
+
+
+def cmd_compile(args) -> None:
+    from pipelines.compile import COMPILED, compile_all
+
+    for path in compile_all(Path(args.out) if args.out else COMPILED):
+        print(f"compile: {path}")
+
+
+def _submit_errors():
+    from cafe_core.submit import SubmitError
+
+    return SubmitError
+
+
+def cmd_submit(args) -> None:
+    from cafe_core.submit import parse_params, submit
+
+    params = parse_params(args.package, args.params)
+    result = submit(args.host, args.package, args.pipeline_name, params, args.experiment,
+                    version_name=args.version_name, namespace=args.namespace, run_name=args.run_name)
+    print(f"submit: run {result.run_id} of pipeline {args.pipeline_name} (version {result.version_id})")
+    print(f"  {result.url}")
+
+
+def cmd_schedule(args) -> None:
+    from cafe_core.submit import parse_params, schedule, validate_cron
+
+    cron = validate_cron(args.cron)
+    params = parse_params(args.package, args.params)
+    result = schedule(args.host, args.package, args.pipeline_name, cron, params, args.experiment, args.name,
+                      namespace=args.namespace, version_name=args.version_name)
+    print(f"schedule: recurring run {result.job_id} ({cron}, no catch-up, one run at a time)")
+    print(f"  {result.url}")
+
+
+def _kfp_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"), required=not os.environ.get("KF_PIPELINES_ENDPOINT"),
+                   help="the KFP API/UI address (default $KF_PIPELINES_ENDPOINT); a token is read from $KFP_TOKEN")
+    p.add_argument("--package", default="pipelines/compiled/cafe.yaml", help="compiled pipeline YAML (cafe compile)")
+    p.add_argument("--pipeline-name", default="cafe", help="the pipeline in KFP; each submission adds a version")
+    p.add_argument("--experiment", default="cafe")
+    p.add_argument("--version-name", default=None, help="default: UTC time + the package's sha256")
+    p.add_argument("--namespace", default=None, help="multi-user KFP: the profile namespace")
+    p.add_argument("params", nargs="*", metavar="key=value", help="pipeline parameters, e.g. max_steps=800 gpus_per_node=8")
 
 
 def _human(n: int) -> str:
@@ -366,6 +418,22 @@ def build_parser() -> argparse.ArgumentParser:
         [("--dry-run", {"action": "store_true", "help": "print the decision, write nothing"})])
     add("promote", _with_store(_promote), "make the model of a PASS decision the registry's champion")
     add("rollback", _with_store(_rollback), "restore the previous champion")
+    comp = sub.add_parser("compile", help="write the pipelines' YAML (pipelines/compiled/)",
+                          description="write the pipelines' YAML (pipelines/compiled/), byte-for-byte reproducible")
+    comp.add_argument("--out", help="another folder (default: pipelines/compiled)")
+    comp.set_defaults(fn=cmd_compile)
+    p = sub.add_parser("submit", help="upload the pipeline as a new version and start a run",
+                       description="upload the compiled pipeline as a new version of a named pipeline and start a run")
+    _kfp_args(p)
+    p.add_argument("--run-name", default=None)
+    p.set_defaults(fn=cmd_submit)
+    p = sub.add_parser("schedule", help="create a recurring run (6-field cron, no catch-up, one at a time)",
+                       description="create a recurring run; KFP cron has 6 fields, seconds first ('0 0 3 * * *' = "
+                                   "03:00 daily, in the scheduler's time zone, usually UTC)")
+    _kfp_args(p)
+    p.add_argument("--cron", required=True, help="6-field cron, seconds first, e.g. '0 0 3 * * *'")
+    p.add_argument("--name", default="cafe-retrain", help="the recurring run's name (refused if it exists)")
+    p.set_defaults(fn=cmd_schedule)
     s3 = sub.add_parser("s3", help="the embedded S3 server").add_subparsers(dest="s3_command", required=True)
     add("serve", cmd_s3_serve, "run the embedded SeaweedFS S3 server until Ctrl-C", s3)
     art = sub.add_parser("artifacts", help="browse artifacts").add_subparsers(dest="art_command", required=True)
@@ -389,6 +457,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
     except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the KFP client's errors, without importing it for every command
+        if type(e).__name__ != "SubmitError":
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,11 +13,15 @@ import datetime as _dt
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # where configs/ ships
 
 
 class ConfigError(ValueError):
@@ -532,8 +536,16 @@ def format_validation_error(err: ValidationError) -> str:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> CafeConfig:
     """Read YAML (or start from defaults), apply overrides, fill placeholders, validate."""
     tree: dict[str, Any] = {}
+    if path is not None and str(path).startswith("env:"):  # the YAML itself, in an environment variable (cluster jobs)
+        text = os.environ.get(str(path)[4:])
+        if text is None:
+            raise ConfigError(f"--config {path}: the environment variable {str(path)[4:]} is not set")
+        tree = yaml.safe_load(text) or {}
+        path = None
     if path is not None:
         p = Path(path)
+        if not p.is_file() and not p.is_absolute() and (PROJECT_DIR / p).is_file():
+            p = PROJECT_DIR / p  # configs/... from any working directory (components, images)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist (pass --config with a YAML file)")
         try:

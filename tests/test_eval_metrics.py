@@ -296,6 +296,8 @@ def test_extract_letter(answer, letter):
 
 def test_extract_letter_options():
     assert extract_letter("E", options="ABCDE") == "E"
+    assert extract_letter("...", options="ABCD") is None  # punctuation only (an undertrained model's answer)
+    assert extract_letter(" , ") is None
     assert extract_letter("(d)", options="ABC") is None
 
 

@@ -47,7 +47,7 @@ def extract_letter(answer: str, options: str = "ABCD") -> str | None:
         return cue[1]
     words = _PUNCT.sub(" ", text).split()
     standalone = {w for w in words if len(w) == 1 and w in letters}
-    if words[0] == "A" and len(words) > 1 and words[1][:1].islower() and words[1] not in ("or", "and"):
+    if len(words) > 1 and words[0] == "A" and words[1][:1].islower() and words[1] not in ("or", "and"):
         standalone.discard("A")  # the article opening a sentence ("A red circle"), unless A recurs alone
         standalone |= {"A"} & set(words[1:])
     return standalone.pop() if len(standalone) == 1 else None

@@ -181,7 +181,7 @@ def _mc(ctx: Context) -> FamilyResult:
     for name, uri in ctx.cfg.eval_sets.mc.items():
         questions = eval_sets.load_choice(ctx.store, uri, name, ctx.cfg.eval_sets.max_items)
         answers = ctx.generate([(q.question + g.mc_suffix, q.image) for q in questions], g.max_new_tokens, f"mc/{name}")
-        letters = [choice.extract_letter(a) for a in answers]
+        letters = [choice.extract_letter(a, q.options) for a, q in zip(answers, questions)]
         out = choice.choice_metrics(name, letters, [q.answer for q in questions], [q.category for q in questions])
         metrics.update(out)
         results += [{"set": name, "index": q.index, "answer": q.answer, "generated": a, "letter": l}

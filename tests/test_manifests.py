@@ -1,0 +1,236 @@
+"""manifests/: every file parses, the kustomization is complete, RBAC is exactly what the launcher needs, the
+PyTorchJobs (committed template and generated ones) validate against the Training Operator v1.9 CRD schema,
+no real secret is committed, and the kfp-launcher ConfigMap is in the format KFP 2.x reads."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from cafe_core.launcher import (
+    CONTAINER,
+    S3_KEYS,
+    TrainingJobSpec,
+    example_spec,
+    job_yaml,
+    main,
+    pytorchjob,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT / "manifests"
+BASE = MANIFESTS / "base"
+CRD = Path("/work/shared/schemas/pytorchjobs-crd-v1.9.0.yaml")
+NOT_IN_KUSTOMIZATION = {"s3-secret.template.yaml", "pytorchjob-template.yaml"}
+PLACEHOLDER = "REPLACE_ME"
+ARGV = ["-m", "cafe_core.cli", "train", "--config", "/app/configs/cluster.yaml", "run_id=r7"]
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def by_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for p in sorted(MANIFESTS.rglob("*.yaml")) for d in docs(p) if d.get("kind") == kind]
+
+
+@pytest.fixture(scope="module")
+def job_schema() -> dict[str, Any]:
+    if not CRD.is_file():
+        pytest.skip(f"{CRD} (the Training Operator v1.9.0 PyTorchJob CRD) is not available")
+    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 8,000 lines
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def unknown_fields(obj: Any, schema: dict[str, Any], path: str = "") -> list[str]:
+    """Fields the API server would silently prune: not declared in a structural schema."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found: list[str] = []
+    if isinstance(obj, dict) and "properties" in schema:
+        for key, value in obj.items():
+            if key in schema["properties"]:
+                found += unknown_fields(value, schema["properties"][key], f"{path}.{key}")
+            elif not isinstance(schema.get("additionalProperties"), dict):
+                found.append(f"{path}.{key}")
+    elif isinstance(obj, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, value in obj.items():
+            found += unknown_fields(value, schema["additionalProperties"], f"{path}.{key}")
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(obj):
+            found += unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return found
+
+
+def assert_valid_job(job: dict[str, Any], schema: dict[str, Any]) -> None:
+    jsonschema.validate(job, schema)
+    assert unknown_fields(job, schema) == [], "fields the CRD does not declare (the API server would drop them)"
+
+
+# --- files and kustomization -------------------------------------------------------------------------
+
+
+def test_every_yaml_parses_into_kubernetes_objects():
+    files = sorted(MANIFESTS.rglob("*.yaml"))
+    assert files
+    for path in files:
+        for doc in docs(path):
+            assert isinstance(doc, dict) and doc.get("apiVersion") and doc.get("kind"), path
+
+
+def test_kustomization_lists_existing_files_and_nothing_else():
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    resources = kustomization["resources"]
+    assert len(resources) == len(set(resources))
+    for name in resources:
+        assert (BASE / name).is_file(), f"kustomization.yaml lists {name}, which does not exist"
+    yamls = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(resources) == yamls - NOT_IN_KUSTOMIZATION, "a manifest is neither listed nor a known template"
+    assert not NOT_IN_KUSTOMIZATION & set(resources), "templates must not be applied by kubectl apply -k"
+    assert "namespace" not in kustomization, "the namespace comes from kubectl apply -k ... -n <namespace>"
+
+
+# --- RBAC --------------------------------------------------------------------------------------------
+
+
+def test_role_grants_exactly_what_the_launcher_needs():
+    (role,) = docs(BASE / "role.yaml")
+    assert role["kind"] == "Role" and role["metadata"]["name"] == "cafe-pipeline"  # namespaced, not a ClusterRole
+    granted = [(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]]
+    assert len(granted) == len(set(granted))
+    assert set(granted) == {
+        *(("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")),
+        *(("", "pods", v) for v in ("get", "list", "watch")),
+        ("", "pods/log", "get"),
+        *(("", "events", v) for v in ("list", "watch")),
+    }
+    for rule in role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, "no resourceNames / nonResourceURLs"
+        assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"]
+    assert by_kind("ClusterRole") == [] and by_kind("ClusterRoleBinding") == []
+
+
+def test_rolebinding_binds_the_role_to_the_pipeline_service_account():
+    (sa,) = docs(BASE / "serviceaccount.yaml")
+    (binding,) = docs(BASE / "rolebinding.yaml")
+    assert sa["kind"] == "ServiceAccount" and sa["metadata"]["name"] == "cafe-pipeline"
+    assert binding["kind"] == "RoleBinding"
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cafe-pipeline"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cafe-pipeline"}]
+
+
+# --- PyTorchJobs -------------------------------------------------------------------------------------
+
+
+def test_committed_template_is_what_pytorchjob_generates(job_schema, capsys):
+    committed = (BASE / "pytorchjob-template.yaml").read_text()
+    generated = job_yaml(pytorchjob(example_spec()))
+    assert committed == generated, (
+        "manifests/base/pytorchjob-template.yaml drifted from cafe_core.launcher.pytorchjob(): regenerate it with "
+        "`.venv/bin/python -m cafe_core.launcher example > manifests/base/pytorchjob-template.yaml`"
+    )
+    assert main(["example"]) == 0 and capsys.readouterr().out == committed
+    (job,) = docs(BASE / "pytorchjob-template.yaml")
+    assert_valid_job(job, job_schema)
+
+
+def test_one_node_cpu_job(job_schema):
+    job = pytorchjob(TrainingJobSpec(name="cafe-train-cpu", namespace="ml", image="cafe:test", argv=ARGV))
+    assert_valid_job(job, job_schema)
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert list(replicas) == ["Master"] and replicas["Master"]["replicas"] == 1
+    assert job["spec"]["nprocPerNode"] == "1"
+    pod = replicas["Master"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["name"] == CONTAINER
+    assert "--nnodes=1" in container["command"] and "--nproc_per_node=1" in container["command"]
+    assert container["args"] == ARGV
+    assert "nvidia.com/gpu" not in str(container["resources"]) and "tolerations" not in pod
+    assert not any(e["name"].startswith("NCCL") for e in container["env"])
+
+
+def test_two_nodes_of_eight_gpus(job_schema):
+    spec = TrainingJobSpec(name="cafe-train-gpu", namespace="ml", image="cafe:test", argv=ARGV, nodes=2,
+                           gpus_per_node=8, env={"NCCL_DEBUG": "INFO", "HF_HOME": "/cache"},
+                           active_deadline_seconds=7200, backoff_limit=1, labels={"team": "vision"})
+    job = pytorchjob(spec)
+    assert_valid_job(job, job_schema)
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
+    assert job["spec"]["nprocPerNode"] == "8"
+    assert job["spec"]["runPolicy"] == {"activeDeadlineSeconds": 7200, "backoffLimit": 1, "cleanPodPolicy": "Running"}
+    assert job["metadata"]["labels"]["team"] == "vision"
+    for replica in replicas.values():
+        pod = replica["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert container["command"][:3] == ["python", "-m", "torch.distributed.run"]
+        assert {"--nnodes=2", "--nproc_per_node=8", "--node_rank=$(PET_NODE_RANK)", "--master_addr=$(MASTER_ADDR)",
+                "--master_port=$(MASTER_PORT)", "--rdzv_backend=static"} <= set(container["command"])
+        assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"}]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["NCCL_DEBUG"]["value"] == "INFO"  # the caller's env wins over the default WARN
+        assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "1" and env["HF_HOME"]["value"] == "/cache"
+        for key in S3_KEYS:  # credentials only by reference, never as values
+            assert "value" not in env[key] and env[key]["valueFrom"]["secretKeyRef"] == {
+                "name": "cafe-s3", "key": key, **({"optional": True} if S3_KEYS[key] else {})}
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}} in pod["volumes"]
+        assert pod["automountServiceAccountToken"] is False
+
+
+def test_a_broken_job_fails_the_schema_check(job_schema):
+    job = pytorchjob(example_spec())
+    job["spec"]["runPolicy"]["backoffLimit"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(job, job_schema)
+    job = pytorchjob(example_spec())
+    job["spec"]["runPolicy"]["cleanupPodPolicy"] = "All"  # misspelt: would be pruned silently
+    assert unknown_fields(job, job_schema) == [".spec.runPolicy.cleanupPodPolicy"]
+
+
+# --- secrets and the KFP launcher config -------------------------------------------------------------
+
+
+def secret_values(secret: dict[str, Any]) -> dict[str, str]:
+    values = dict(secret.get("stringData") or {})
+    for key, encoded in (secret.get("data") or {}).items():
+        values[key] = base64.b64decode(encoded).decode()
+    return values
+
+
+def test_no_secret_with_real_values_is_committed():
+    secrets = by_kind("Secret")
+    assert secrets, "the S3 Secret template is expected under manifests/"
+    for secret in secrets:
+        for key, value in secret_values(secret).items():
+            assert PLACEHOLDER in value, f"Secret {secret['metadata']['name']} key {key} holds a non-placeholder value"
+
+
+def test_s3_secret_template_has_the_keys_the_launcher_references():
+    (secret,) = docs(BASE / "s3-secret.template.yaml")
+    assert secret["metadata"]["name"] == TrainingJobSpec.model_fields["s3_secret"].default == "cafe-s3"
+    assert set(secret_values(secret)) == set(S3_KEYS)
+
+
+def test_kfp_launcher_configmap_in_the_format_kfp_reads():
+    (cm,) = docs(BASE / "kfp-launcher-configmap.yaml")
+    assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == "kfp-launcher"
+    assert set(cm["data"]) == {"defaultPipelineRoot", "providers"}
+    assert cm["data"]["defaultPipelineRoot"] == "s3://cafe/pipeline-root"
+    assert isinstance(cm["data"]["providers"], str), "providers is a YAML document inside a string"
+    providers = yaml.safe_load(cm["data"]["providers"])
+    default = providers["s3"]["default"]
+    assert default["endpoint"] and default["region"] and isinstance(default["disableSSL"], bool)
+    creds = default["credentials"]
+    assert creds["fromEnv"] is False
+    (secret,) = docs(BASE / "s3-secret.template.yaml")
+    assert creds["secretRef"]["secretName"] == secret["metadata"]["name"]
+    assert {creds["secretRef"]["accessKeyKey"], creds["secretRef"]["secretKeyKey"]} <= set(secret_values(secret))

@@ -1,0 +1,44 @@
+"""The ablation pipeline end to end through kfp.local (ParallelFor over two ratios, the collected
+comparison table), on a small synthetic run with local storage. (`cafe run`, the main pipeline through
+kfp.local, is tested in test_run_local.py and test_gate_integration.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["synth.train_size=120", "synth.bad_fraction=0", "synth.retrieval_images=6", "synth.pope_images=2",
+         "synth.mmeb_rows_per_dataset=2", "synth.mc_questions=4", "synth.caption_images=2", "validate.min_rows=50",
+         "train.heldout=null", "train.max_length=256", "train.checkpoint_every=50"]
+
+SCRIPT = """
+import json, sys
+from cafe_core.config import load_config
+from cafe_core.local_run import run_pipeline
+from cafe_core.storage import Storage
+root, overrides = sys.argv[1], json.loads(sys.argv[2])
+cfg = load_config("configs/local.yaml", [f"root={root}", "run_id=abl", *overrides])
+print(json.dumps(run_pipeline(cfg, Storage(), "configs/local.yaml", overrides, pipeline="ablation",
+                              ratios=[0.0, 0.1], max_steps=2)))
+"""
+
+
+def test_ablation_pipeline_runs_locally_and_compares_the_ratios(tmp_path):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(SMALL)], capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "Pipeline 'cafe-ablation' finished with status SUCCESS" in out.stdout.replace("\x1b[95m", "").replace("\x1b[0m", "").replace("\x1b[92m", "")
+    table = (tmp_path / "runs" / "abl" / "ablation" / "comparison.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 0")]
+    assert [r.split(" | ")[1] for r in rows] == ["abl-lm0", "abl-lm0.1"]  # both variants, sorted by ratio
+    for variant, a_lm in (("abl-lm0", 0.0), ("abl-lm0.1", 1.0)):
+        config = (tmp_path / "runs" / variant / "train" / "final" / "config.yaml").read_text()
+        assert f"a_lm: {a_lm}" in config and f"data: {tmp_path}/runs/abl/convert" in config  # the shared pairs
+        metrics = json.loads((tmp_path / "runs" / variant / "evaluate" / "metrics.json").read_text())["metrics"]
+        assert "retrieval/shapes/i2t_R@1" in metrics and "pope/average/f1" in metrics
+    assert "n/a" not in rows[0] and "n/a" not in rows[1]

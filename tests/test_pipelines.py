@@ -1,0 +1,103 @@
+"""The pipelines: they compile, the committed YAML is current, and the compiled spec has the structure the
+issue asks for (parallel families, caching off where it must be, credentials only from a Secret, promote
+only under the gate's PASS, the ablation's ParallelFor and collected table). Plus the steps' pure parts."""
+
+from __future__ import annotations
+
+import filecmp
+
+import pytest
+import yaml
+
+from cafe_core.config import ConfigError
+from cafe_core.steps import compare_ablation, config_of, resolve_config
+from pipelines.compile import COMPILED, PIPELINES, compile_all
+
+SECRET_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+
+
+def load(name: str) -> tuple[dict, dict]:
+    spec, platform = yaml.safe_load_all((COMPILED / name).read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_committed_yaml_is_current_and_reproducible(tmp_path):
+    first = compile_all(tmp_path / "a")
+    second = compile_all(tmp_path / "b")
+    for path in first:
+        assert filecmp.cmp(path, tmp_path / "b" / path.name, shallow=False), f"{path.name} is not reproducible"
+        assert filecmp.cmp(path, COMPILED / path.name, shallow=False), (
+            f"pipelines/compiled/{path.name} is stale: run `cafe compile` and commit it")
+    assert {p.name for p in second} == set(PIPELINES)
+
+
+def test_cafe_pipeline_structure():
+    spec, executors = load("cafe.yaml")
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for name in ("data_uri", "model_preset", "model_checkpoint", "a_lm", "a_con", "temperature", "nodes",
+                 "gpus_per_node", "base_image", "train_image", "gate_rules", "root", "run_id"):
+        assert name in params and "defaultValue" in params[name], name
+    assert not any("SECRET" in p.upper() or "KEY" in p.upper() for p in params), "credentials are never parameters"
+    tasks = spec["root"]["dag"]["tasks"]
+    evaluations = [t for t in tasks if t.startswith("evaluate")]
+    assert len(evaluations) == 6
+    for name in evaluations:  # the families run in parallel: each depends on export only
+        assert tasks[name]["dependentTasks"] == ["export", "resolve-config", "train"] or "export" in tasks[name]["dependentTasks"]
+        assert not {"evaluate", "evaluate-2"} & set(tasks[name].get("dependentTasks", []))
+    for name in ("train", "gate", "merge-evaluation", *evaluations):
+        assert not tasks[name].get("cachingOptions", {}).get("enableCache"), f"{name} must not be cached"
+    condition = next(t for t in tasks.values() if "triggerPolicy" in t)
+    assert condition["triggerPolicy"]["condition"].endswith("== 'PASS'")
+    branch = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(branch) == ["promote"] and not branch["promote"].get("cachingOptions", {}).get("enableCache")
+    for executor, settings in executors.items():  # every task gets the S3 keys from the Secret
+        (secret,) = settings["secretAsEnv"]
+        assert secret["secretName"] == "cafe-s3" and {k["envVar"] for k in secret["keyToEnv"]} == SECRET_KEYS, executor
+
+
+def test_ablation_pipeline_structure():
+    spec, _ = load("cafe-ablation.yaml")
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["ratios"]["defaultValue"] == [0.0, 0.05, 0.1, 0.2, 1.0]
+    tasks = spec["root"]["dag"]["tasks"]
+    loop_name, loop = next((n, t) for n, t in tasks.items() if "parameterIterator" in t)
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("ratios")
+    inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert {"train", "export", "evaluate-all"} <= set(inner)
+    compare = tasks["compare-ablation"]
+    assert compare["inputs"]["artifacts"]["variants"]["taskOutputArtifact"]["producerTask"] == loop_name
+
+
+def test_resolve_config_maps_parameters(tmp_path):
+    text = resolve_config("configs/local.yaml", str(tmp_path), "", "kfp-123", "s3://data/onevision", "",
+                          "s3://models/llava-ov", 0.5, 10.0, 0.07, 50, 1, 8, "s3://cfg/gate.yaml", ["train.seed=3"])
+    cfg = config_of(text)
+    assert cfg.run_id == "kfp-123" and cfg.train.output == f"{tmp_path}/runs/kfp-123/train"
+    assert cfg.data.sources[0].uri == "s3://data/onevision"
+    assert cfg.model.preset is None and cfg.model.checkpoint == "s3://models/llava-ov"
+    assert (cfg.train.loss.a_lm, cfg.train.loss.a_con, cfg.train.loss.temperature) == (0.5, 10.0, 0.07)
+    assert cfg.train.nproc_per_node == 8 and cfg.train.precision == "bf16" and cfg.train.seed == 3
+    assert cfg.gate.rules_from == "s3://cfg/gate.yaml"
+    variant = config_of(resolve_config("configs/local.yaml", str(tmp_path), "r9", "x", "", "tiny", "", 1.0, 10.0,
+                                       0.05, 5, 1, 0, "", [], lm_ratio=0.2))
+    assert variant.run_id == "r9-lm0.2" and variant.train.loss.a_lm == pytest.approx(2.0)
+    assert variant.train.data == f"{tmp_path}/runs/r9/convert"  # the base run's pairs
+    with pytest.raises(ConfigError, match="not divisible by 3 nodes"):
+        resolve_config("configs/local.yaml", str(tmp_path), "r", "x", "", "tiny", "", 1.0, 10.0, 0.05, 5, 3, 0, "", [])
+
+
+def test_compare_ablation_table(tmp_path):
+    run_config = resolve_config("configs/local.yaml", str(tmp_path), "abl", "x", "", "tiny", "", 1.0, 10.0, 0.05, 5,
+                                1, 0, "", [])
+    variants = [
+        {"run_id": "abl-lm0.1", "retrieval/shapes/i2t_R@1": 0.4, "retrieval/shapes/t2i_R@1": 0.3,
+         "mmeb/overall/p@1": 0.3, "pope/average/f1": 0.66, "pope/average/accuracy": 0.5, "mc/mmstar/accuracy": 0.2,
+         "mc/mmstar/coarse/accuracy": 0.9},
+        {"run_id": "abl-lm0", "retrieval/shapes/i2t_R@1": 0.45, "pope/average/f1": 0.1},
+    ]
+    markdown, html = compare_ablation(run_config, variants)
+    lines = markdown.splitlines()
+    assert lines[4].startswith("| 0 | abl-lm0 | 0.4500 |") and "n/a" in lines[4]  # sorted by ratio
+    assert lines[5].startswith("| 0.1 | abl-lm0.1 | 0.4000 | 0.3000 | 0.3000 | 0.6600 | 0.5000 | 0.2000 |")
+    assert "<table" in html
+    assert (tmp_path / "runs" / "abl" / "ablation" / "comparison.md").read_text() == markdown
