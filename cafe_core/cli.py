@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -222,7 +223,7 @@ def cmd_run(args) -> None:
     export -> evaluate -> gate -> promote on PASS), then the metrics, the decision and where everything went."""
     from cafe_core.evaluate.report import metrics_markdown
     from cafe_core.gate import read_decision
-    from cafe_core.local_run import run_pipeline
+    from cafe_core.local_run import failure_reason, run_pipeline
 
     cfg = _config(args)
     with connect(cfg.s3, _uris(cfg)) as store:
@@ -233,7 +234,9 @@ def cmd_run(args) -> None:
         try:
             timing = run_pipeline(cfg, store, args.config, passed_on)
         except RuntimeError as e:
-            raise StageFailed(f"run: the pipeline failed ({e}); the whole log: .cafe/logs/run-{cfg.run_id}.log") from None
+            log = f".cafe/logs/run-{cfg.run_id}.log"
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+            raise StageFailed(f"run: {failure_reason(log) or plain}\n  ({plain}; the whole log: {log})") from None
         record = store.read_json(f"{cfg.evaluate.output}/metrics.json")
         decision = read_decision(store, f"{cfg.gate.output}/decision.json")
         print(f"\nMetrics ({cfg.evaluate.output}/metrics.json; all of them in report.html):")

@@ -80,6 +80,19 @@ def run_pipeline(cfg: CafeConfig, store: Storage, config_path: str | None, overr
     return {"wall": wall, "steps": step_seconds(run_dirs[-1]) if run_dirs else {}, "log": str(log_path)}
 
 
+FAILURE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Failed|Exceeded|Exception)): (.+)$")
+
+
+def failure_reason(log_path: str | Path) -> str | None:
+    """The last exception message a task printed (its traceback's final line), for the run's error."""
+    found = None
+    for line in Path(log_path).read_text(errors="replace").splitlines():
+        match = FAILURE.match(re.sub(r"\x1b\[[0-9;]*m", "", line))
+        if match:
+            found = f"{match[1]}: {match[2]}"
+    return found
+
+
 def step_seconds(run_dir: Path) -> dict[str, float]:
     """Each task's own working time, from the `seconds` its artifacts' metadata carries."""
     out: dict[str, float] = {}
