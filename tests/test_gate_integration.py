@@ -26,6 +26,7 @@ def test_trained_passes_the_shipped_gate_and_untrained_fails(s3_env, bucket):
     assert "PASS: run trained" in trained.stdout and "registered v1: champion v1" in trained.stdout
     assert "re-embedded 16 items from the promoted files" in trained.stdout
     assert "| retrieval/shapes/i2t_R@1 |" in trained.stdout  # the metrics table
+    assert "Executing task 'promote'" in trained.stdout  # the pipeline's dsl.If branch ran
     store = Storage()
     aliases = store.read_json(f"{bucket}/registry/cafe-llava-onevision/aliases.json")
     assert aliases["champion"] == "v1"

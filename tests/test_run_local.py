@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -41,6 +42,8 @@ def test_run_end_to_end(root):
     assert "train: 2 processes under torchrun" in out.stdout
     # 3 training steps cannot pass the shipped gate: the decision is written, promotion is skipped.
     assert "FAIL: run it1" in out.stdout and "promote: skipped (the gate did not pass)" in out.stdout
+    log = re.sub(r"\x1b\[[0-9;]*m", "", open(".cafe/logs/run-it1.log").read())  # kfp.local's own record
+    assert "Task 'gate' finished with status SUCCESS" in log and "Executing task 'promote'" not in log
     for where in (f"{run}/export/index.parquet", f"{run}/evaluate/report.html", f"{run}/gate/decision.json"):
         assert where in out.stdout, where
     store = Storage()

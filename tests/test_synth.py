@@ -24,7 +24,8 @@ from cafe_core.data.synth import BAD_KINDS, MMEB_DATASETS, generate, is_current,
 from cafe_core.storage import Manifest, Storage, read_manifest, verify_output
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PRESENCE = re.compile(r"^Is there an? (.+) in the image\?$")
+# POPE's question; in the training conversations followed by the short-answer instruction
+PRESENCE = re.compile(r"^Is there an? (.+) in the image\?(\nAnswer the question using a single word or phrase\.)?$")
 MC = re.compile(r"^(?P<q>.*)\nOptions: A: (?P<A>.*), B: (?P<B>.*), C: (?P<C>.*), D: (?P<D>.*)$")
 VOCAB = vocabulary()
 
@@ -227,6 +228,7 @@ def test_clean_rows_ask_true_and_balanced_questions(built, root):
         assert turns[0]["value"] == "<image>\nDescribe the image in detail."
         assert decode(row["image"]["bytes"]).size == (cfg.image_size, cfg.image_size)
         present = mentioned(turns[1]["value"])  # the caption names every object (tested below)
+        assert turns[2]["value"].endswith("\nAnswer the question using a single word or phrase.")  # as POPE asks
         assert turns[3]["value"] == ("Yes" if asked_class(turns[2]["value"]) in present else "No")
         yes_no[turns[3]["value"]] += 1
         question, options = options_of(turns[4]["value"].removesuffix(
