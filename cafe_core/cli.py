@@ -19,13 +19,15 @@ from typing import Callable, Sequence
 from cafe_core.config import FAMILIES, CafeConfig, ConfigError, load_config
 from cafe_core.connect import connect, wants_embedded
 from cafe_core.s3server import EmbeddedS3, EmbeddedS3Error, browse_hint
-from cafe_core.storage import Storage, StorageError, is_s3, join, read_manifest
+from cafe_core.steps import StepFailed, run_promote, run_train
+from cafe_core.storage import Storage, StorageError, is_s3, read_manifest
+from cafe_core.submit import SubmitError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StorageError, EmbeddedS3Error)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StorageError, EmbeddedS3Error, SubmitError)
 
 
-class StageFailed(RuntimeError):
-    """The stage ran and its result is a failure (exit 1)."""
+# The stage ran and its result is a failure (exit 1).
+StageFailed = StepFailed
 
 
 def _config(args) -> CafeConfig:
@@ -76,31 +78,6 @@ def _validate(cfg: CafeConfig, store: Storage) -> str:
     return cfg.validate_.output
 
 
-def _train(cfg: CafeConfig, store: Storage) -> str:
-    from cafe_core.train.checkpoint import CheckpointError
-    from cafe_core.train.data import DataError
-    from cafe_core.train.launch import in_torchrun, torchrun
-    from cafe_core.train.trainer import preflight, run
-
-    try:
-        if cfg.train.nproc_per_node > 1 and not in_torchrun():
-            preflight(cfg, store, world=cfg.train.nproc_per_node)  # fail here, not in every child
-            print(f"train: {cfg.train.nproc_per_node} processes under torchrun", flush=True)
-            if torchrun(cfg, store, ["train"]) != 0:
-                raise StageFailed(f"train: a training process failed; checkpoints under {cfg.train.output}/checkpoints")
-            return f"{cfg.train.output}/final"
-        result = run(cfg, store)
-    except (DataError, CheckpointError) as e:
-        raise ConfigError(str(e)) from None
-    if os.environ.get("RANK", "0") != "0":
-        return result.output
-    if result.heldout:
-        print(f"train: held-out image->text top-1 {result.heldout['heldout/i2t_top1']:.3f} "
-              f"(chance {result.heldout['heldout/chance']:.3f}) after {result.steps} steps")
-    print(f"train: {result.output}")
-    return result.output
-
-
 def _export(cfg: CafeConfig, store: Storage) -> str:
     from cafe_core.evaluate.export import export
 
@@ -119,7 +96,7 @@ def cmd_evaluate(args) -> None:
     if args.family and args.merge_only:
         raise ConfigError("--family runs families, --merge combines finished ones: give one of them")
     families = args.family or list(cfg.evaluate.families)
-    with connect(cfg.s3, _uris(cfg)) as store, _eval_errors():
+    with connect(cfg.s3, cfg.uris()) as store, _eval_errors():
         if not args.merge_only:
             for family in families:
                 metrics = run_family(cfg, store, family)
@@ -135,7 +112,7 @@ def cmd_gate(args) -> None:
     from cafe_core.gate import decide, write_decision
 
     cfg = _config(args)
-    with connect(cfg.s3, _uris(cfg)) as store:
+    with connect(cfg.s3, cfg.uris()) as store:
         decision = decide(cfg, store)
         print(decision.summary())
         if args.dry_run:
@@ -144,28 +121,6 @@ def cmd_gate(args) -> None:
             print(f"gate: decision record {write_decision(store, cfg, decision)}")
     if not decision.passed:
         raise StageFailed(f"gate: FAIL ({'; '.join(decision.reasons[:2])})")
-
-
-def _promote(cfg: CafeConfig, store: Storage) -> str:
-    from cafe_core.evaluate.export import reembed_check
-    from cafe_core.gate import read_decision
-    from cafe_core.registry import RegistryError, promote
-
-    uri = cfg.promote.decision
-
-    def check_model(model_uri: str) -> None:
-        decision = read_decision(store, uri)
-        embeddings = store.read_json(join(decision.inputs.metrics, "metrics.json")).get("embeddings")
-        if not embeddings:
-            raise RegistryError(f"{decision.inputs.metrics}/metrics.json does not say which export it used")
-        print(f"promote: {reembed_check(cfg, store, model_uri, embeddings)}")
-
-    try:
-        result = promote(cfg, store, uri, check_model=check_model)
-    except RegistryError as e:
-        raise StageFailed(f"promote: {e}") from None
-    print(f"promote: {result.message}")
-    return result.model_uri
 
 
 def _rollback(cfg: CafeConfig, store: Storage) -> str:
@@ -199,20 +154,10 @@ def _eval_errors():
         raise ConfigError(str(e)) from None
 
 
-def _uris(cfg: CafeConfig) -> list[str]:
-    uris = [cfg.root, cfg.synth.output, cfg.validate_.input, cfg.validate_.output, cfg.train.data, cfg.train.output,
-            cfg.export.checkpoint, cfg.export.output, cfg.evaluate.output, cfg.evaluate.embeddings, cfg.gate.output,
-            cfg.registry.uri, *cfg.eval_sets.retrieval.values(), *cfg.eval_sets.mc.values()]
-    uris += [u for u in (cfg.eval_sets.mmeb, cfg.eval_sets.pope, cfg.eval_sets.caption) if u]
-    if cfg.data:
-        uris += [cfg.data.output, *(s.uri for s in cfg.data.sources)]
-    return uris
-
-
 def _with_store(stage: Callable[[CafeConfig, Storage], str]):
     def run(args) -> None:
         cfg = _config(args)
-        with connect(cfg.s3, _uris(cfg)) as store:
+        with connect(cfg.s3, cfg.uris()) as store:
             stage(cfg, store)
 
     return run
@@ -226,7 +171,7 @@ def cmd_run(args) -> None:
     from cafe_core.local_run import failure_reason, run_pipeline
 
     cfg = _config(args)
-    with connect(cfg.s3, _uris(cfg)) as store:
+    with connect(cfg.s3, cfg.uris()) as store:
         print(f"run {cfg.run_id} (config {cfg.digest()}): the cafe pipeline through kfp.local")
         if store.endpoint_url:
             print(f"S3 endpoint: {store.endpoint_url}")
@@ -296,12 +241,6 @@ def cmd_compile(args) -> None:
 
     for path in compile_all(Path(args.out) if args.out else COMPILED):
         print(f"compile: {path}")
-
-
-def _submit_errors():
-    from cafe_core.submit import SubmitError
-
-    return SubmitError
 
 
 def cmd_submit(args) -> None:
@@ -388,7 +327,7 @@ def cmd_artifacts_verify(args) -> None:
 def cmd_config_show(args) -> None:
     cfg = _config(args)
     print(cfg.to_yaml(), end="")
-    if any(is_s3(u) for u in _uris(cfg)):
+    if any(is_s3(u) for u in cfg.uris()):
         print(f"# S3: {'embedded SeaweedFS' if wants_embedded(cfg.s3) else 'configured endpoint / boto3 settings'}")
 
 
@@ -411,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("synth", _with_store(_synth), "generate the synthetic shapes-world datasets", data)
     add("convert", _with_store(_convert), "convert training data into image-text pair shards")
     add("validate", _with_store(_validate), "check a converted dataset with great-expectations")
-    add("train", _with_store(_train), "CAFe fine-tuning (torchrun + DeepSpeed), resumable from S3 checkpoints")
+    add("train", _with_store(run_train), "CAFe fine-tuning (torchrun + DeepSpeed), resumable from S3 checkpoints")
     add("export", _with_store(_export), "embed every evaluation item with a checkpoint (sharded safetensors + index)")
     add("evaluate", cmd_evaluate, "evaluate a checkpoint on every benchmark family; metrics.json + report.html", sub,
         [("--family", {"action": "append", "choices": FAMILIES, "help": "run only this family (repeatable); "
@@ -419,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
          ("--merge", {"dest": "merge_only", "action": "store_true", "help": "only combine the families' outputs"})])
     add("gate", cmd_gate, "judge a run's metrics against the gate rules and the champion; write the decision", sub,
         [("--dry-run", {"action": "store_true", "help": "print the decision, write nothing"})])
-    add("promote", _with_store(_promote), "make the model of a PASS decision the registry's champion")
+    add("promote", _with_store(run_promote), "make the model of a PASS decision the registry's champion")
     add("rollback", _with_store(_rollback), "restore the previous champion")
     comp = sub.add_parser("compile", help="write the pipelines' YAML (pipelines/compiled/)",
                           description="write the pipelines' YAML (pipelines/compiled/), byte-for-byte reproducible")
@@ -460,11 +399,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # the KFP client's errors, without importing it for every command
-        if type(e).__name__ != "SubmitError":
-            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

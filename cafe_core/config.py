@@ -427,6 +427,17 @@ class CafeConfig(Strict):
             raise ConfigError("config has no 'data' section: add data.sources (see configs/local.yaml)")
         return self.data
 
+    def uris(self) -> list[str]:
+        """Every location this configuration reads or writes (to know whether S3 is needed)."""
+        out = [self.root, self.synth.output, self.validate_.input, self.validate_.output, self.train.data,
+               self.train.output, self.export.checkpoint, self.export.output, self.evaluate.output,
+               self.evaluate.embeddings, self.gate.output, self.registry.uri, *self.eval_sets.retrieval.values(),
+               *self.eval_sets.mc.values()]
+        out += [u for u in (self.eval_sets.mmeb, self.eval_sets.pope, self.eval_sets.caption) if u]
+        if self.data:
+            out += [self.data.output, *(s.uri for s in self.data.sources)]
+        return out
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
-import hashlib
 import json
 import math
 from typing import Any, Literal
@@ -23,15 +22,14 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
-from cafe_core.config import CafeConfig, GateRule
+from cafe_core.config import PROJECT_DIR, CafeConfig, GateRule
 from cafe_core.storage import (
-    MANIFEST,
-    NotCommittedError,
     OutputWriter,
     Storage,
     StorageError,
     is_s3,
     join,
+    manifest_digest,
     read_manifest,
     sha256_bytes,
     verify_output,
@@ -255,15 +253,6 @@ def evaluate_rules(rules: list[GateRule], metrics: dict[str, Any], champion: dic
 # --- I/O ---------------------------------------------------------------------------------------------
 
 
-def checkpoint_digest(store: Storage, model_uri: str) -> str:
-    """sha256 of the bytes of the committed model output's `_MANIFEST.json` (which lists every file's
-    sha256): equal digests mean exactly the same files. Raises NotCommittedError when it has none."""
-    uri = join(model_uri.rstrip("/"), MANIFEST)
-    if not store.exists(uri):
-        raise NotCommittedError(f"{model_uri} is not a committed output (no {MANIFEST}): train or export it first")
-    return hashlib.sha256(store.read_bytes(uri)).hexdigest()
-
-
 def read_metrics(store: Storage, prefix: str) -> tuple[MetricsFile, str]:
     """The committed evaluation output's metrics.json (checksums verified) and its sha256.
     Raises StorageError / ValueError with a message naming the problem."""
@@ -285,7 +274,7 @@ def load_rules(store: Storage, uri: str) -> list[GateRule]:
     """The `rules:` list of a gate rules file (YAML, local or s3://), each rule validated. A relative local
     path that does not exist from here is read from the project folder (configs/gate.yaml anywhere)."""
     if not is_s3(uri) and not Path(uri).is_absolute() and not Path(uri).exists():
-        uri = str(Path(__file__).resolve().parents[1] / uri)
+        uri = str(PROJECT_DIR / uri)
     try:
         data = yaml.safe_load(store.read_text(uri))
     except yaml.YAMLError as e:
@@ -336,7 +325,7 @@ def decide(cfg: CafeConfig, store: Storage) -> Decision:
 
     digest: str | None = None
     try:
-        digest = checkpoint_digest(store, g.checkpoint)
+        digest = manifest_digest(store, g.checkpoint)
     except StorageError as e:
         reasons.append(f"checkpoint {g.checkpoint} unreadable: {e}")
     if mf is not None and mf.checkpoint_digest is None:

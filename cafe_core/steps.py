@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -19,7 +19,7 @@ import yaml
 
 from cafe_core.config import CafeConfig, ConfigError, load_config
 from cafe_core.connect import connect
-from cafe_core.storage import MANIFEST, Storage, join, read_manifest
+from cafe_core.storage import Storage, join, manifest_digest, read_manifest
 
 
 class StepFailed(RuntimeError):
@@ -79,15 +79,71 @@ def config_of(run_config: str) -> CafeConfig:
 
 @contextlib.contextmanager
 def store_of(cfg: CafeConfig) -> Iterator[Storage]:
-    from cafe_core.cli import _uris
-
-    with connect(cfg.s3, _uris(cfg)) as store:
+    with connect(cfg.s3, cfg.uris()) as store:
         yield store
 
 
+def trained(store: Storage, final: str, **meta: Any) -> Outcome:
+    """The outcome of a training: the final output with its steps and held-out accuracy."""
+    manifest = read_manifest(store, final)
+    return outcome(store, final, steps=manifest.meta.get("steps"), **meta,
+                   **{k: v for k, v in manifest.meta.items() if k.startswith("heldout/")})
+
+
 def outcome(store: Storage, uri: str, **meta: Any) -> Outcome:
-    digest = hashlib.sha256(store.read_bytes(join(uri, MANIFEST))).hexdigest()
-    return Outcome(uri, digest, {"files": len(read_manifest(store, uri).entries), **meta})
+    return Outcome(uri, manifest_digest(store, uri), {"files": len(read_manifest(store, uri).entries), **meta})
+
+
+# --- stages shared with the command line -------------------------------------------------------------
+
+
+def run_train(cfg: CafeConfig, store: Storage) -> str:
+    """`cafe train`: torchrun with train.nproc_per_node local processes (or this process); the final output."""
+    from cafe_core.train.checkpoint import CheckpointError
+    from cafe_core.train.data import DataError
+    from cafe_core.train.launch import in_torchrun, torchrun
+    from cafe_core.train.trainer import preflight, run
+
+    try:
+        if cfg.train.nproc_per_node > 1 and not in_torchrun():
+            preflight(cfg, store, world=cfg.train.nproc_per_node)  # fail here, not in every child
+            print(f"train: {cfg.train.nproc_per_node} processes under torchrun", flush=True)
+            if torchrun(cfg, store, ["train"]) != 0:
+                raise StepFailed(f"train: a training process failed; checkpoints under {cfg.train.output}/checkpoints")
+            return f"{cfg.train.output}/final"
+        result = run(cfg, store)
+    except (DataError, CheckpointError) as e:
+        raise ConfigError(str(e)) from None
+    if os.environ.get("RANK", "0") != "0":
+        return result.output
+    if result.heldout:
+        print(f"train: held-out image->text top-1 {result.heldout['heldout/i2t_top1']:.3f} "
+              f"(chance {result.heldout['heldout/chance']:.3f}) after {result.steps} steps")
+    print(f"train: {result.output}")
+    return result.output
+
+
+def run_promote(cfg: CafeConfig, store: Storage) -> str:
+    """`cafe promote` of promote.decision, re-embedding a sample from the promoted files; the champion's URI."""
+    from cafe_core.evaluate.export import reembed_check
+    from cafe_core.gate import read_decision
+    from cafe_core.registry import RegistryError, promote
+
+    uri = cfg.promote.decision
+
+    def check_model(model_uri: str) -> None:
+        decision = read_decision(store, uri)
+        embeddings = store.read_json(join(decision.inputs.metrics, "metrics.json")).get("embeddings")
+        if not embeddings:
+            raise RegistryError(f"{decision.inputs.metrics}/metrics.json does not say which export it used")
+        print(f"promote: {reembed_check(cfg, store, model_uri, embeddings)}")
+
+    try:
+        result = promote(cfg, store, uri, check_model=check_model)
+    except RegistryError as e:
+        raise StepFailed(f"promote: {e}") from None
+    print(f"promote: {result.message}")
+    return result.model_uri
 
 
 # --- steps -------------------------------------------------------------------------------------------
@@ -157,17 +213,9 @@ def validate(run_config: str) -> Outcome:
 @timed
 def train_local(run_config: str) -> Outcome:
     """`cafe train` on this machine: torchrun with train.nproc_per_node processes (or one process)."""
-    from cafe_core.cli import StageFailed, _train
-
     cfg = config_of(run_config)
     with store_of(cfg) as store:
-        try:
-            final = _train(cfg, store)
-        except StageFailed as e:
-            raise StepFailed(str(e)) from None
-        manifest = read_manifest(store, final)
-        return outcome(store, final, steps=manifest.meta.get("steps"),
-                       **{k: v for k, v in manifest.meta.items() if k.startswith("heldout/")})
+        return trained(store, run_train(cfg, store))
 
 
 @timed
@@ -219,15 +267,9 @@ def gate(run_config: str) -> tuple[Outcome, str, str]:
 
 @timed
 def promote(run_config: str) -> Outcome:
-    from cafe_core.cli import StageFailed, _promote
-
     cfg = config_of(run_config)
     with store_of(cfg) as store:
-        try:
-            model_uri = _promote(cfg, store)
-        except StageFailed as e:
-            raise StepFailed(str(e)) from None
-        return outcome(store, model_uri.rsplit("/", 1)[0])
+        return outcome(store, run_promote(cfg, store).rsplit("/", 1)[0])
 
 
 # The columns of the ablation table: the retrieval side against the understanding side (Table 7).
@@ -287,7 +329,4 @@ def train_cluster(run_config: str, image: str, nodes: int, gpus_per_node: int, n
     )
     launch(spec)
     with store_of(cfg) as store:
-        final = f"{cfg.train.output}/final"
-        manifest = read_manifest(store, final)
-        return outcome(store, final, steps=manifest.meta.get("steps"), job=spec.name,
-                       **{k: v for k, v in manifest.meta.items() if k.startswith("heldout/")})
+        return trained(store, f"{cfg.train.output}/final", job=spec.name)

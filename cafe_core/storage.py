@@ -593,6 +593,15 @@ def read_manifest(store: Storage, prefix: str) -> Manifest:
         raise StorageError(f"{uri} is not a valid manifest: {e}") from None
 
 
+def manifest_digest(store: Storage, prefix: str) -> str:
+    """sha256 of the bytes of a committed output's manifest (which lists every file's sha256): equal digests
+    mean exactly the same files. Raises NotCommittedError when the output has none."""
+    uri = join(prefix.rstrip("/"), MANIFEST)
+    if not store.exists(uri):
+        raise NotCommittedError(f"{prefix} is not a committed output (no {MANIFEST}): run the stage that writes it")
+    return hashlib.sha256(store.read_bytes(uri)).hexdigest()
+
+
 def verify_output(store: Storage, prefix: str, manifest: Manifest | None = None, checksums: bool = True) -> Manifest:
     """Check every listed object exists with its size (and sha256). Raises ChecksumError naming each bad one."""
     manifest = manifest or read_manifest(store, prefix)

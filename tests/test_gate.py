@@ -13,14 +13,13 @@ import yaml
 from cafe_core.config import CafeConfig, GateConfig, GateRule, load_config
 from cafe_core.gate import (
     Decision,
-    checkpoint_digest,
     decide,
     evaluate_rules,
     load_rules,
     read_decision,
     write_decision,
 )
-from cafe_core.storage import MANIFEST, NotCommittedError, OutputWriter, Storage, join, read_manifest
+from cafe_core.storage import MANIFEST, NotCommittedError, OutputWriter, Storage, join, manifest_digest, read_manifest
 
 # --- helpers (test_registry.py uses them too) --------------------------------------------------------
 
@@ -52,7 +51,7 @@ def make_model(store: Storage, uri: str, weights: bytes = b"weights-1") -> str:
     out.put_bytes("model/model.safetensors", weights * 100)
     out.put_text("config.yaml", "run_id: x\n")
     out.commit()
-    return checkpoint_digest(store, uri)
+    return manifest_digest(store, uri)
 
 
 def make_metrics(store: Storage, prefix: str, *, run_id: str, digest: str | None, metrics: dict, checkpoint: str = "") -> str:
@@ -237,7 +236,7 @@ def test_pass_is_recorded_with_everything(where):
     store, root = where
     cfg, decision, uri = gate_run(store, root, "r1")
     assert decision.decision == "PASS" and decision.reasons == [] and decision.champion is None
-    assert decision.checkpoint_digest == checkpoint_digest(store, cfg.gate.checkpoint)
+    assert decision.checkpoint_digest == manifest_digest(store, cfg.gate.checkpoint)
     assert decision.run_id == "r1" and decision.config_digest == cfg.digest() and decision.code_version
     assert decision.inputs.registry == join(cfg.registry.uri, cfg.registry.model_name)
     assert len(decision.verdicts) == 5 and all(v.passed for v in decision.verdicts)
@@ -267,7 +266,7 @@ def test_uncommitted_metrics_fail(tmp_path):
 def test_metrics_of_another_run_fail(where):
     store, root = where
     cfg = make_candidate(store, root, "r1")
-    digest = checkpoint_digest(store, cfg.gate.checkpoint)
+    digest = manifest_digest(store, cfg.gate.checkpoint)
     make_metrics(store, cfg.gate.metrics, run_id="r0", digest=digest, metrics=GOOD)
     d = decide(cfg, store)
     assert d.decision == "FAIL" and any("run_id is 'r0', not this run's 'r1'" in r for r in d.reasons)
@@ -358,4 +357,4 @@ def test_checkpoint_digest_is_the_manifest_hash(tmp_path):
 
     assert digest == hashlib.sha256((tmp_path / "m" / MANIFEST).read_bytes()).hexdigest()
     with pytest.raises(NotCommittedError):
-        checkpoint_digest(store, str(tmp_path / "nothing"))
+        manifest_digest(store, str(tmp_path / "nothing"))

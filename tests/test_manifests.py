@@ -25,7 +25,8 @@ from cafe_core.launcher import (
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 BASE = MANIFESTS / "base"
-CRD = Path("/work/shared/schemas/pytorchjobs-crd-v1.9.0.yaml")
+# The Training Operator v1.9.0 PyTorchJob CRD (its manifests/base/crds/kubeflow.org_pytorchjobs.yaml), vendored.
+CRD = Path(__file__).parent / "data" / "pytorchjobs-crd-v1.9.0.yaml"
 NOT_IN_KUSTOMIZATION = {"s3-secret.template.yaml", "pytorchjob-template.yaml"}
 PLACEHOLDER = "REPLACE_ME"
 ARGV = ["-m", "cafe_core.cli", "train", "--config", "/app/configs/cluster.yaml", "run_id=r7"]
@@ -41,8 +42,6 @@ def by_kind(kind: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def job_schema() -> dict[str, Any]:
-    if not CRD.is_file():
-        pytest.skip(f"{CRD} (the Training Operator v1.9.0 PyTorchJob CRD) is not available")
     crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 8,000 lines
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]

@@ -101,3 +101,50 @@ def test_compare_ablation_table(tmp_path):
     assert lines[5].startswith("| 0.1 | abl-lm0.1 | 0.4000 | 0.3000 | 0.3000 | 0.6600 | 0.5000 | 0.2000 |")
     assert "<table" in html
     assert (tmp_path / "runs" / "abl" / "ablation" / "comparison.md").read_text() == markdown
+
+
+def test_command_line_compiles_and_refuses_a_five_field_cron(tmp_path):
+    import subprocess
+    import sys
+
+    def cafe(*args):
+        return subprocess.run([sys.executable, "-m", "cafe_core.cli", *args], capture_output=True, text=True, timeout=120)
+
+    out = cafe("compile", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert filecmp.cmp(tmp_path / "cafe.yaml", COMPILED / "cafe.yaml", shallow=False)
+    cron = cafe("schedule", "--host", "http://127.0.0.1:9", "--cron", "0 3 * * *")
+    assert cron.returncode == 2 and "did you mean '0 0 3 * * *'" in cron.stderr  # refused before any connection
+    unknown = cafe("submit", "--host", "http://127.0.0.1:9", "max_stepz=3")
+    assert unknown.returncode == 2 and "max_steps" in unknown.stderr
+
+
+def test_cluster_training_step_launches_a_job_that_runs_cafe_train_on_the_run_config(tmp_path, monkeypatch):
+    """The train step in cluster mode: one PyTorchJob whose replicas read the run's resolved config from the
+    environment; the step's outcome is the committed final output the job wrote."""
+    import cafe_core.launcher as launcher
+    from cafe_core import steps
+    from cafe_core.config import load_config
+    from cafe_core.storage import OutputWriter, Storage
+
+    run_config = resolve_config("configs/local.yaml", str(tmp_path), "", "8f3c-RUN_1", "", "tiny", "", 1.0, 10.0,
+                                0.05, 5, 2, 8, "", [])
+    launched = []
+
+    def fake_launch(spec):
+        launched.append(spec)
+        out = OutputWriter(Storage(), f"{tmp_path}/runs/8f3c-RUN_1/train/final", kind="trained-model")
+        out.put_text("model/config.json", "{}")
+        out.commit(meta={"steps": 5, "heldout/i2t_top1": 0.5})
+
+    monkeypatch.setattr(launcher, "launch", fake_launch)
+    result = steps.train_cluster(run_config, "registry/cafe-train:1", 2, 8, "ml", "cafe-s3")
+    (spec,) = launched
+    assert (spec.image, spec.nodes, spec.gpus_per_node, spec.namespace, spec.s3_secret) == (
+        "registry/cafe-train:1", 2, 8, "ml", "cafe-s3")
+    assert spec.name == launcher.job_name("8f3c-RUN_1")
+    assert spec.argv[-2:] == ["--config", "env:CAFE_CONFIG_YAML"] and spec.env["CAFE_CONFIG_YAML"] == run_config
+    monkeypatch.setenv("CAFE_CONFIG_YAML", spec.env["CAFE_CONFIG_YAML"])
+    replica = load_config("env:CAFE_CONFIG_YAML")  # what every replica's `cafe train` reads
+    assert replica == config_of(run_config) and replica.train.nproc_per_node == 8
+    assert result.uri.endswith("/train/final") and result.meta["steps"] == 5 and result.meta["heldout/i2t_top1"] == 0.5

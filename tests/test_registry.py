@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from cafe_core.gate import checkpoint_digest, decide, write_decision
+from cafe_core.gate import decide, write_decision
 from cafe_core.registry import (
     Aliases,
     PromoteError,
@@ -22,7 +22,7 @@ from cafe_core.registry import (
     rollback,
     version_prefix,
 )
-from cafe_core.storage import MANIFEST, PreconditionFailed, Storage, join, read_manifest, verify_output
+from cafe_core.storage import MANIFEST, PreconditionFailed, Storage, join, manifest_digest, read_manifest, verify_output
 from tests.test_gate import GOOD, gate_run, make_candidate, make_model
 
 
@@ -40,7 +40,7 @@ def test_promote_pass_then_second_then_noop_then_rollback(local):
     # the version is a committed copy whose checkpoint has the candidate's digest
     verify_output(store, version_prefix(reg, "v1"))
     assert r.model_uri == join(version_prefix(reg, "v1"), "checkpoint")
-    assert checkpoint_digest(store, r.model_uri) == d1.checkpoint_digest
+    assert manifest_digest(store, r.model_uri) == d1.checkpoint_digest
     rec = json.loads(store.read_bytes(join(version_prefix(reg, "v1"), "version.json")))
     assert {k: rec[k] for k in ("version", "source_model_uri", "checkpoint_digest", "decision_uri", "run_id")} == {
         "version": "v1", "source_model_uri": cfg.gate.checkpoint, "checkpoint_digest": d1.checkpoint_digest,

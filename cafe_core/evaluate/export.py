@@ -167,10 +167,11 @@ def export(cfg: CafeConfig, store: Storage, progress: bool = True) -> ExportResu
     out = OutputWriter(store, e.output, kind="embeddings")
     model = builder = device = None
     reused, dim = 0, None
+    existing = {o.uri: o.size for o in store.list(join(e.output, "shards"))}  # what an interrupted run left
     for k, shard in enumerate(tqdm(shards, desc="export", unit="shard", disable=not progress)):
         about = {"ids_sha256": _digest([it.id for it in shard]), "checkpoint_digest": ref.digest,
                  "checkpoint": ref.uri, "prompts": prompts, "rows": len(shard)}
-        kept = _reusable(store, e.output, k, about)
+        kept = _reusable(store, e.output, k, about, existing)
         if kept is not None:
             for entry in kept:
                 out.add_uploaded(entry)
@@ -208,10 +209,11 @@ def export(cfg: CafeConfig, store: Storage, progress: bool = True) -> ExportResu
     return ExportResult(e.output, len(items), len(shards), reused, dim)
 
 
-def _reusable(store: Storage, output: str, k: int, about: dict) -> list[ManifestEntry] | None:
-    """The manifest entries of shard k if an earlier attempt left it complete and it matches `about`."""
+def _reusable(store: Storage, output: str, k: int, about: dict, sizes: dict[str, int]) -> list[ManifestEntry] | None:
+    """The manifest entries of shard k if an earlier attempt left it complete and it matches `about`
+    (`sizes`: the objects under shards/ by URI)."""
     desc_uri = join(output, f"{shard_name(k)}.json")
-    if about["checkpoint_digest"] is None or not store.exists(desc_uri):
+    if about["checkpoint_digest"] is None or desc_uri not in sizes:
         return None  # a plain folder has no digest to pin shards to: recompute
     try:
         desc_bytes = store.read_bytes(desc_uri)
@@ -220,7 +222,6 @@ def _reusable(store: Storage, output: str, k: int, about: dict) -> list[Manifest
         return None
     if any(desc.get(key) != value for key, value in about.items()):
         return None
-    sizes = {o.uri: o.size for o in store.list(join(output, "shards"))}
     if sizes.get(join(output, f"{shard_name(k)}.safetensors")) != desc.get("size"):
         return None
     return [ManifestEntry(name=f"{shard_name(k)}.safetensors", size=desc["size"], sha256=desc["sha256"]),

@@ -13,12 +13,9 @@ Families run independently (the pipeline runs them as parallel tasks); `merge` c
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
-
-import torch
 
 from cafe_core.config import CafeConfig
 from cafe_core.evaluate import caption as caption_metrics
@@ -29,7 +26,7 @@ from cafe_core.evaluate.generate import generate_answers
 from cafe_core.evaluate.report import render_report
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.locate import CheckpointRef, locate
-from cafe_core.storage import MANIFEST, OutputWriter, Storage, join, read_manifest, verify_output
+from cafe_core.storage import MANIFEST, ManifestEntry, OutputWriter, Storage, join, read_manifest, sha256_bytes, verify_output
 from cafe_core.train.checkpoint import json_lines
 from cafe_core.version import code_version
 
@@ -254,7 +251,6 @@ def merge(cfg: CafeConfig, store: Storage, families: list[str] | None = None) ->
             if e.name.endswith(".png"):
                 images[f"{family}/{e.name}"] = store.read_bytes(join(prefix, e.name))
         manifest_bytes = store.read_bytes(join(prefix, MANIFEST))
-        from cafe_core.storage import ManifestEntry, sha256_bytes
         entries.append(ManifestEntry(name=f"{family}/{MANIFEST}", size=len(manifest_bytes), sha256=sha256_bytes(manifest_bytes)))
     record = {**_header(cfg, ref), "families": families, "metrics": dict(sorted(metrics.items()))}
     out = OutputWriter(store, base, kind="evaluation")

@@ -8,7 +8,6 @@ earlier stage measured.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cafe_core.config import ModelConfig
-from cafe_core.storage import MANIFEST, ChecksumError, Manifest, Storage, join, read_manifest, sha256_file
+from cafe_core.storage import MANIFEST, ChecksumError, Manifest, Storage, join, manifest_digest, read_manifest, sha256_file
 
 MODEL_DIR = "model"
 
@@ -38,10 +37,6 @@ class CheckpointRef:
             return []
         prefix = f"{MODEL_DIR}/" if self.model_uri != self.uri else ""
         return [e.model_copy(update={"name": e.name[len(prefix):]}) for e in self.manifest.entries if e.name.startswith(prefix)]
-
-
-def manifest_digest(store: Storage, uri: str) -> str:
-    return hashlib.sha256(store.read_bytes(join(uri, MANIFEST))).hexdigest()
 
 
 def locate(store: Storage, uri: str) -> CheckpointRef:
