@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cafe_core import steps  # noqa: E402
 from cafe_core.config import load_config  # noqa: E402
-from cafe_core.local_run import run_pipeline  # noqa: E402
+from cafe_core.kfp_local import run_pipeline  # noqa: E402
 from cafe_core.storage import Storage  # noqa: E402
 from pipelines.common import FAMILIES  # noqa: E402
 

@@ -1,33 +1,31 @@
-"""The `cafe` command line: one subcommand per stage, each taking --config and dotted overrides.
+"""The `cafe` command line: thin adapters over the stage layer (cafe_core.stages), plus the commands that
+run, compile, submit and schedule the pipeline and browse its artifacts. Every command takes --config and
+dotted key=value overrides.
 
-Exit status: 0 success, 1 the stage ran and failed (reject limit, hard validation failure), 2 bad input
-(configuration, missing data, unreachable storage).
+Exit status: 0 success, 1 the stage ran and failed (reject limit, hard validation failure, gate FAIL), 2 bad
+input (configuration, missing data, unreachable storage): cafe_core.errors, the same as the pipeline's steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from cafe_core.config import FAMILIES, CafeConfig, ConfigError, load_config
+from cafe_core.commit import read_manifest
+from cafe_core.config import FAMILIES, CafeConfig, load_config
 from cafe_core.connect import connect, wants_embedded
-from cafe_core.s3server import EmbeddedS3, EmbeddedS3Error, browse_hint
-from cafe_core.steps import StepFailed, run_promote, run_train
-from cafe_core.storage import Storage, StorageError, is_s3, read_manifest
-from cafe_core.submit import SubmitError
-
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StorageError, EmbeddedS3Error, SubmitError)
-
-
-# The stage ran and its result is a failure (exit 1).
-StageFailed = StepFailed
+from cafe_core.errors import BadInput, CafeError, StageFailed, exit_line
+from cafe_core.layout import run_prefix
+from cafe_core.s3server import EmbeddedS3, browse_hint
+from cafe_core.stages import OTHER_STAGES, PIPELINE_ORDER, STAGES, Result, help_of
+from cafe_core.storage import StorageError
+from cafe_core.uris import is_s3
 
 
 def _config(args) -> CafeConfig:
@@ -41,149 +39,59 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 # --- stages ------------------------------------------------------------------------------------------
 
-
-def _synth(cfg: CafeConfig, store: Storage) -> str:
-    from cafe_core.data.synth import generate, is_current
-
-    if is_current(cfg.synth, store):
-        print(f"synth: {cfg.synth.output} is up to date (same config); reusing it")
-    else:
-        manifest = generate(cfg.synth, store)
-        print(f"synth: wrote {len(manifest.entries)} objects to {cfg.synth.output}")
-    return cfg.synth.output
+# Command-line options of the stages that have any, as stage keyword arguments.
+STAGE_OPTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "convert": lambda args: {"progress": True},
+    "export": lambda args: {"progress": True},
+    "evaluate": lambda args: {"families": args.family, "merge": not args.family, "progress": True},
+    "gate": lambda args: {"dry_run": args.dry_run},
+}
 
 
-def _convert(cfg: CafeConfig, store: Storage) -> str:
-    from cafe_core.data.convert import ConvertError, convert, summary
-    from cafe_core.data.sources import SourceError
+def stage_command(name: str, fn: Callable[..., Result]) -> Callable[[Any], None]:
+    """`cafe <name>`: load the config, connect, run the stage, print its summary; a negative verdict
+    (gate FAIL) exits 1 like a failed stage."""
 
-    data = cfg.require_data()
-    try:
-        result = convert(data, store, cfg.to_yaml())
-    except SourceError as e:
-        raise ConfigError(str(e)) from None
-    except ConvertError as e:
-        raise StageFailed(f"convert: {e}") from None
-    print(f"convert: {result.output}\n{summary(result.stats)}")
-    return result.output
-
-
-def _validate(cfg: CafeConfig, store: Storage) -> str:
-    from cafe_core.data.validate import validate_dataset
-
-    report = validate_dataset(cfg.validate_, store, cfg.to_yaml())
-    print(f"validate: {cfg.validate_.output}\n{report.summary_text()}")
-    if not report.success:
-        raise StageFailed(f"validate: {report.hard_failures} hard check(s) failed; see {cfg.validate_.output}/summary.txt")
-    return cfg.validate_.output
-
-
-def _export(cfg: CafeConfig, store: Storage) -> str:
-    from cafe_core.evaluate.export import export
-
-    with _eval_errors():
-        result = export(cfg, store)
-    print(f"export: {result.items} embeddings (dim {result.dim}) in {result.shards} shard(s)"
-          f"{f', {result.reused_shards} reused from an interrupted run' if result.reused_shards else ''}: {result.output}")
-    return result.output
-
-
-def cmd_evaluate(args) -> None:
-    from cafe_core.evaluate.report import metrics_markdown
-    from cafe_core.evaluate.run import merge, run_family
-
-    cfg = _config(args)
-    if args.family and args.merge_only:
-        raise ConfigError("--family runs families, --merge combines finished ones: give one of them")
-    families = args.family or list(cfg.evaluate.families)
-    with connect(cfg.s3, cfg.uris()) as store, _eval_errors():
-        if not args.merge_only:
-            for family in families:
-                metrics = run_family(cfg, store, family)
-                print(f"evaluate: {family}: {len(metrics)} metrics -> {cfg.evaluate.output}/{family}/")
-        if args.family:
-            return  # one family of a parallel evaluation; `cafe evaluate --merge` combines them
-        record = merge(cfg, store)
-        print(metrics_markdown(record["metrics"], HEADLINE_METRICS))
-        print(f"evaluate: {cfg.evaluate.output}/metrics.json  {cfg.evaluate.output}/report.html")
-
-
-def cmd_gate(args) -> None:
-    from cafe_core.gate import decide, write_decision
-
-    cfg = _config(args)
-    with connect(cfg.s3, cfg.uris()) as store:
-        decision = decide(cfg, store)
-        print(decision.summary())
-        if args.dry_run:
-            print("gate: --dry-run: nothing written")
-        else:
-            print(f"gate: decision record {write_decision(store, cfg, decision)}")
-    if not decision.passed:
-        raise StageFailed(f"gate: FAIL ({'; '.join(decision.reasons[:2])})")
-
-
-def _rollback(cfg: CafeConfig, store: Storage) -> str:
-    from cafe_core.registry import RegistryError, rollback
-
-    try:
-        result = rollback(cfg, store)
-    except RegistryError as e:
-        raise StageFailed(f"rollback: {e}") from None
-    print(f"rollback: {result.message}")
-    return result.champion
-
-
-# The metrics printed in summaries (every metric is in metrics.json and the report).
-HEADLINE_METRICS = ("retrieval/", "mmeb/overall", "mmeb/ind", "mmeb/ood", "pope/average/", "caption/overall/",
-                    "caption/classwise/", "mc/", "gap/centroid_distance")
-
-
-@contextlib.contextmanager
-def _eval_errors():
-    """Bad evaluation input (missing sets, checkpoints, exports from another model) is a user error."""
-    from cafe_core.evaluate.export import ExportError
-    from cafe_core.evaluate.run import EvaluationError
-    from cafe_core.evaluate.sets import EvalSetError
-    from cafe_core.model.build import ModelLoadError
-    from cafe_core.model.locate import CheckpointNotFound
-
-    try:
-        yield
-    except (ExportError, EvaluationError, EvalSetError, ModelLoadError, CheckpointNotFound) as e:
-        raise ConfigError(str(e)) from None
-
-
-def _with_store(stage: Callable[[CafeConfig, Storage], str]):
-    def run(args) -> None:
+    def command(args) -> None:
+        if name == "evaluate" and args.family and args.merge_only:
+            raise BadInput("evaluate: --family runs families, --merge combines finished ones: give one of them")
         cfg = _config(args)
+        options = STAGE_OPTIONS.get(name, lambda _: {})(args)
         with connect(cfg.s3, cfg.uris()) as store:
-            stage(cfg, store)
+            if name == "evaluate" and args.merge_only:
+                from cafe_core.stages.evaluate import merge_evaluation
 
-    return run
+                result = merge_evaluation(cfg, store)
+            else:
+                result = fn(cfg, store, **options)
+        print(result.summary)
+        if result.failure:
+            raise StageFailed(result.failure)
+
+    return command
 
 
 def cmd_run(args) -> None:
-    """The main job: the whole KFP pipeline locally through kfp.local (synth -> convert -> validate -> train ->
-    export -> evaluate -> gate -> promote on PASS), then the metrics, the decision and where everything went."""
+    """The main job: the whole KFP pipeline locally through kfp.local, then the metrics, the decision and
+    where everything went."""
+    from cafe_core.kfp_local import failure_reason, run_pipeline, where_everything_went
+    from cafe_core.records import read_decision
+    from cafe_core.stages.evaluate import HEADLINE_METRICS
     from cafe_core.evaluate.report import metrics_markdown
-    from cafe_core.gate import read_decision
-    from cafe_core.local_run import failure_reason, run_pipeline
 
     cfg = _config(args)
     with connect(cfg.s3, cfg.uris()) as store:
         print(f"run {cfg.run_id} (config {cfg.digest()}): the cafe pipeline through kfp.local")
         if store.endpoint_url:
             print(f"S3 endpoint: {store.endpoint_url}")
-        passed_on = [o for o in args.overrides if not o.startswith(("run_id=", "root="))]  # given as parameters
         try:
-            timing = run_pipeline(cfg, store, args.config, passed_on)
+            timing = run_pipeline(cfg, store)
         except RuntimeError as e:
             log = f".cafe/logs/run-{cfg.run_id}.log"
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
             raise StageFailed(f"run: {failure_reason(log) or plain}\n  ({plain}; the whole log: {log})") from None
         record = store.read_json(f"{cfg.evaluate.output}/metrics.json")
-        decision = read_decision(store, f"{cfg.gate.output}/decision.json")
+        decision = read_decision(store, cfg.promote.decision)
         print(f"\nMetrics ({cfg.evaluate.output}/metrics.json; all of them in report.html):")
         print(metrics_markdown(record["metrics"], HEADLINE_METRICS))
         print(f"\n{decision.summary()}")
@@ -195,24 +103,11 @@ def cmd_run(args) -> None:
         work = sum(timing["steps"].values())
         print(f"\nPipeline: {timing['wall']:.0f} s wall; the steps' own time {work:.0f} s (imports inside them "
               f"included), kfp.local's orchestration {timing['wall'] - work:.0f} s; log {timing['log']}")
-        run = f"{cfg.root}/runs/{cfg.run_id}"
         print("\nWhere everything went:")
-        print(f"  synthetic data     {cfg.synth.output}/  (train/, eval/)")
-        print(f"  converted pairs    {run}/convert/pairs/  {run}/convert/rejects.jsonl  {run}/convert/stats.json")
-        print(f"  validation         {run}/validate/summary.txt  {run}/validate/data_docs/index.html")
-        print(f"  checkpoints        {cfg.train.output}/checkpoints/  (latest.json)")
-        print(f"  trained model      {cfg.train.output}/final/model/  {cfg.train.output}/final/loss_curve.png")
-        print(f"  embeddings         {cfg.export.output}/index.parquet  {cfg.export.output}/shards/")
-        print(f"  evaluation         {cfg.evaluate.output}/metrics.json  {cfg.evaluate.output}/report.html")
-        print(f"  gate decision      {cfg.gate.output}/decision.json  {cfg.gate.output}/why.md")
-        print(f"  registry           {cfg.registry.uri}/{cfg.registry.model_name}/aliases.json")
-        print(f"  KFP artifacts      {KFP_LOCAL_ROOT}/  (kfp.local's pipeline root)")
+        print("\n".join(where_everything_went(cfg)))
         if store.endpoint_url and is_s3(cfg.root):
-            print(browse_hint(store.endpoint_url, f"{run}/"))
+            print(browse_hint(store.endpoint_url, f"{run_prefix(cfg.root, cfg.run_id)}/"))
             print("  (the embedded server stops with this command; `cafe s3 serve` keeps one running)")
-
-
-KFP_LOCAL_ROOT = ".cafe/kfp-local"
 
 
 def cmd_s3_serve(args) -> None:
@@ -244,9 +139,9 @@ def cmd_compile(args) -> None:
 
 
 def cmd_submit(args) -> None:
-    from cafe_core.submit import parse_params, submit
+    from cafe_core.kfp_api import parse_params, submit
 
-    params = parse_params(args.package, args.params)
+    params = _checked(args.package, parse_params(args.package, args.params))
     result = submit(args.host, args.package, args.pipeline_name, params, args.experiment,
                     version_name=args.version_name, namespace=args.namespace, run_name=args.run_name)
     print(f"submit: run {result.run_id} of pipeline {args.pipeline_name} (version {result.version_id})")
@@ -254,14 +149,25 @@ def cmd_submit(args) -> None:
 
 
 def cmd_schedule(args) -> None:
-    from cafe_core.submit import parse_params, schedule, validate_cron
+    from cafe_core.kfp_api import parse_params, schedule, validate_cron
 
     cron = validate_cron(args.cron)
-    params = parse_params(args.package, args.params)
+    params = _checked(args.package, parse_params(args.package, args.params))
     result = schedule(args.host, args.package, args.pipeline_name, cron, params, args.experiment, args.name,
                       namespace=args.namespace, version_name=args.version_name)
     print(f"schedule: recurring run {result.job_id} ({cron}, no catch-up, one run at a time)")
     print(f"  {result.url}")
+
+
+def _checked(package: str, params: dict) -> dict:
+    """The parameters of a cafe pipeline package checked against cafe_core.params (types, ranges)."""
+    from cafe_core.kfp_api import pipeline_name
+    from cafe_core.params import PARAMS_OF, parse
+
+    kind = PARAMS_OF.get(pipeline_name(package))
+    if kind is not None:
+        parse(kind, params)
+    return params
 
 
 def _kfp_args(p: argparse.ArgumentParser) -> None:
@@ -288,7 +194,7 @@ def _target(cfg: CafeConfig, what: str) -> str:
     """A URI, a local path, or a bare run id (looked up under {root}/runs/)."""
     if is_s3(what) or "/" in what or what.startswith("."):
         return what
-    return f"{cfg.root}/runs/{what}"
+    return run_prefix(cfg.root, what)
 
 
 def cmd_artifacts_ls(args) -> None:
@@ -315,7 +221,7 @@ def cmd_artifacts_get(args) -> None:
 
 
 def cmd_artifacts_verify(args) -> None:
-    from cafe_core.storage import verify_output
+    from cafe_core.commit import verify_output
 
     cfg = _config(args)
     prefix = _target(cfg, args.target)
@@ -345,21 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.set_defaults(fn=fn)
 
-    add("run", cmd_run, "run the main job (synth -> convert -> validate -> train) and print where everything went")
+    add("run", cmd_run, f"run the main job, the whole pipeline through kfp.local ({PIPELINE_ORDER}), and print "
+                        "the metrics, the decision and where everything went")
+    options = {
+        "evaluate": [("--family", {"action": "append", "choices": FAMILIES, "help": "run only this family "
+                                   "(repeatable); without --merge the combined metrics are not written"}),
+                     ("--merge", {"dest": "merge_only", "action": "store_true",
+                                  "help": "only combine the families' outputs"})],
+        "gate": [("--dry-run", {"action": "store_true", "help": "print the decision, write nothing"})],
+    }
     data = sub.add_parser("data", help="synthetic data").add_subparsers(dest="data_command", required=True)
-    add("synth", _with_store(_synth), "generate the synthetic shapes-world datasets", data)
-    add("convert", _with_store(_convert), "convert training data into image-text pair shards")
-    add("validate", _with_store(_validate), "check a converted dataset with great-expectations")
-    add("train", _with_store(run_train), "CAFe fine-tuning (torchrun + DeepSpeed), resumable from S3 checkpoints")
-    add("export", _with_store(_export), "embed every evaluation item with a checkpoint (sharded safetensors + index)")
-    add("evaluate", cmd_evaluate, "evaluate a checkpoint on every benchmark family; metrics.json + report.html", sub,
-        [("--family", {"action": "append", "choices": FAMILIES, "help": "run only this family (repeatable); "
-                       "without --merge the combined metrics are not written"}),
-         ("--merge", {"dest": "merge_only", "action": "store_true", "help": "only combine the families' outputs"})])
-    add("gate", cmd_gate, "judge a run's metrics against the gate rules and the champion; write the decision", sub,
-        [("--dry-run", {"action": "store_true", "help": "print the decision, write nothing"})])
-    add("promote", _with_store(run_promote), "make the model of a PASS decision the registry's champion")
-    add("rollback", _with_store(_rollback), "restore the previous champion")
+    for name, fn in {**STAGES, **OTHER_STAGES}.items():
+        add(name, stage_command(name, fn), help_of(fn), data if name == "synth" else sub, options.get(name, ()))
     comp = sub.add_parser("compile", help="write the pipelines' YAML (pipelines/compiled/)",
                           description="write the pipelines' YAML (pipelines/compiled/), byte-for-byte reproducible")
     comp.add_argument("--out", help="another folder (default: pipelines/compiled)")
@@ -395,12 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.fn(args)
-    except StageFailed as e:
-        print(f"FAILED: {e}", file=sys.stderr)
-        return 1
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except CafeError as e:
+        print(exit_line(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into head & co.

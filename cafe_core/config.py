@@ -20,11 +20,14 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cafe_core.errors import BadInput
+from cafe_core.layout import TEMPLATE
+
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # where configs/ ships
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A configuration problem the user can fix; the message says which key and how."""
 
 
@@ -61,7 +64,7 @@ class S3Config(Strict):
 
 
 class SynthConfig(Strict):
-    output: str = "{root}/datasets/shapes-v1"
+    output: str = TEMPLATE.synthetic
     seed: int = Field(0, ge=0)
     image_size: int = Field(64, ge=16, le=1024)
     train_size: int = Field(2000, ge=1)
@@ -101,7 +104,7 @@ class DataConfig(Strict):
     """`cafe convert`: raw training data -> image-text pairs."""
 
     sources: list[SourceConfig] = Field(min_length=1)
-    output: str = "{root}/runs/{run_id}/convert"
+    output: str = TEMPLATE.convert
     caption_rule: Literal["joined", "first"] = "joined"
     max_samples: int | None = Field(None, ge=1)  # per run, across sources, counted on input records
     max_caption_chars: int = Field(8000, ge=1)
@@ -140,8 +143,8 @@ CHECKS: tuple[str, ...] = get_args(Check)
 class ValidateConfig(Strict):
     """`cafe validate`: great-expectations checks of a converted dataset."""
 
-    input: str = "{root}/runs/{run_id}/convert"
-    output: str = "{root}/runs/{run_id}/validate"
+    input: str = TEMPLATE.convert
+    output: str = TEMPLATE.validate
     caption_chars: Bounds = Bounds(min=1, max=8000)
     image_width: Bounds = Bounds(min=1, max=16384)
     image_height: Bounds = Bounds(min=1, max=16384)
@@ -260,11 +263,11 @@ class OptimConfig(Strict):
 class TrainConfig(Strict):
     """`cafe train`: CAFe fine-tuning under torchrun + DeepSpeed."""
 
-    data: str = "{root}/runs/{run_id}/convert"
+    data: str = TEMPLATE.convert
     # In-training retrieval accuracy: "pairs" holds out the last heldout_size pairs of the training data
     # (same distribution, never trained on); a URI names a retrieval set (image + caption list parquet).
     heldout: str | None = "pairs"
-    output: str = "{root}/runs/{run_id}/train"
+    output: str = TEMPLATE.train
     global_batch_size: int = Field(16, ge=1)  # per optimizer step, over all ranks and accumulation steps
     grad_accum: int = Field(1, ge=1)
     epochs: float = Field(1.0, gt=0)
@@ -291,7 +294,7 @@ class TrainConfig(Strict):
 
 # --- evaluation, gate, promotion ---------------------------------------------------------------------
 
-EVAL_DATA = "{root}/datasets/shapes-v1/eval"
+EVAL_DATA = TEMPLATE.eval_data
 Family = Literal["retrieval", "mmeb", "pope", "caption", "mc", "gap"]
 FAMILIES: tuple[str, ...] = get_args(Family)
 
@@ -321,8 +324,8 @@ class EvalSetsConfig(Strict):
 class ExportConfig(Strict):
     """`cafe export`: embed every item of `eval_sets` once, written as sharded safetensors + an index."""
 
-    checkpoint: str = "{root}/runs/{run_id}/train/final"  # `cafe train` output (model/ inside) or an HF folder
-    output: str = "{root}/runs/{run_id}/export"
+    checkpoint: str = TEMPLATE.final  # `cafe train` output (model/ inside) or an HF folder
+    output: str = TEMPLATE.export
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(2048, ge=1)  # embeddings per safetensors shard (the unit of resume)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
@@ -343,9 +346,9 @@ class GenerationConfig(Strict):
 class EvaluateConfig(Strict):
     """`cafe evaluate`: one module per benchmark family; retrieval-type families read `export`'s files."""
 
-    checkpoint: str = "{root}/runs/{run_id}/train/final"  # `cafe train` output (model/ inside) or an HF folder
-    embeddings: str = "{root}/runs/{run_id}/export"
-    output: str = "{root}/runs/{run_id}/evaluate"
+    checkpoint: str = TEMPLATE.final  # `cafe train` output (model/ inside) or an HF folder
+    embeddings: str = TEMPLATE.export
+    output: str = TEMPLATE.evaluate
     families: list[Family] = Field(default_factory=lambda: list(FAMILIES))
     generation: GenerationConfig = GenerationConfig()
     gap_pairs: int = Field(250, ge=2)  # pairs in the modality-gap scatter (the paper's Figure 3 uses 250)
@@ -371,7 +374,7 @@ class GateRule(Strict):
 class RegistryConfig(Strict):
     """The model registry kept in S3: versions with their decision records, aliases champion/previous."""
 
-    uri: str = "{root}/registry"
+    uri: str = TEMPLATE.registry
     model_name: str = Field("cafe-llava-onevision", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     kubeflow_url: str | None = None  # optional Kubeflow Model Registry address
 
@@ -379,19 +382,26 @@ class RegistryConfig(Strict):
 class GateConfig(Strict):
     """`cafe gate`: the candidate's metrics against bounds and the current champion; fails closed."""
 
-    metrics: str = "{root}/runs/{run_id}/evaluate"
-    checkpoint: str = "{root}/runs/{run_id}/train/final"  # `cafe train` output (model/ inside) or an HF folder
-    output: str = "{root}/runs/{run_id}/gate"
+    metrics: str = TEMPLATE.evaluate
+    checkpoint: str = TEMPLATE.final  # `cafe train` output (model/ inside) or an HF folder
+    output: str = TEMPLATE.gate
     rules: list[GateRule] = Field(default_factory=list)
     # A YAML file (local path or s3://) whose `rules:` list is checked as well: the shipped defaults are
     # configs/gate.yaml; a pipeline passes its own file's URI.
     rules_from: str | None = None
 
 
+class AblationVariant(Strict):
+    """Set on each variant of the a_lm:a_con ablation (the paper's Table 7) by the ablation pipeline."""
+
+    lm_ratio: float = Field(ge=0)  # a_lm / a_con
+    base_run_id: str  # the run whose converted pairs every variant trains on
+
+
 class PromoteConfig(Strict):
     """`cafe promote` / `cafe rollback`."""
 
-    decision: str = "{root}/runs/{run_id}/gate/decision.json"
+    decision: str = TEMPLATE.decision
     reembed_sample: int = Field(16, ge=0)  # evaluation items re-embedded from the files being promoted
     reembed_tolerance: float = Field(1e-3, gt=0)  # max |cosine - 1| between re-embedded and exported
 
@@ -414,6 +424,7 @@ class CafeConfig(Strict):
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     promote: PromoteConfig = PromoteConfig()
+    ablation: AblationVariant | None = None
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

@@ -10,7 +10,8 @@ import boto3
 
 from cafe_core.config import S3Config
 from cafe_core.s3server import LOCAL_CREDENTIALS, EmbeddedS3
-from cafe_core.storage import Storage, is_s3
+from cafe_core.storage import Storage
+from cafe_core.uris import is_s3
 
 
 def configured_endpoint(s3: S3Config) -> str | None:

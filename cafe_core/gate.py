@@ -13,161 +13,40 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
-import json
 import math
-from typing import Any, Literal
+from typing import Any
 
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
+from pydantic import ValidationError
 
 from cafe_core.config import PROJECT_DIR, CafeConfig, GateRule
-from cafe_core.storage import (
-    OutputWriter,
-    Storage,
-    StorageError,
-    is_s3,
-    join,
-    manifest_digest,
-    read_manifest,
-    sha256_bytes,
-    verify_output,
+from cafe_core.records import (
+    DECISION_FILE,
+    DECISION_KIND,
+    WHY_FILE,
+    Champion,
+    ChampionInfo,
+    ChampionRef,
+    ChampionUnreadable,
+    Decision,
+    DecisionInputs,
+    Verdict,
+    read_metrics,
+    registry_root,
 )
+from cafe_core.commit import OutputWriter, manifest_digest
+from cafe_core.storage import Storage, StorageError
+from cafe_core.uris import is_s3
 from cafe_core.version import code_version
 
-DECISION_KIND = "gate-decision"
-METRICS_KIND = "evaluation"
-METRICS_FILE = "metrics.json"
-DECISION_FILE = "decision.json"
-WHY_FILE = "why.md"
-SCHEMA_VERSION = 1
 # A drop exactly at the allowed bound passes; float noise in e.g. 0.50 - 0.45 must not make it fail.
 EPS = 1e-9
 _GLOB_CHARS = set("*?[")
 
 
-class _Record(BaseModel):
-    # NaN/inf survive a JSON round trip as the strings "NaN"/"Infinity" instead of turning into null.
-    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
-
-
-# --- records -----------------------------------------------------------------------------------------
-
-
-class Verdict(_Record):
-    """One metric slice checked against one rule."""
-
-    metric: str  # the metric name; the rule's pattern itself when the pattern matched nothing
-    rule: str  # the rule's metric pattern (a glob may check several slices)
-    value: float | None  # None when missing or not a number
-    direction: Literal["higher", "lower"]
-    min: float | None = None
-    max: float | None = None
-    max_drop: float | None = None
-    max_drop_relative: float | None = None
-    champion: float | None = None  # the champion's value of this metric, when a relative check needed it
-    delta: float | None = None  # value - champion (signed, raw; `direction` says which sign is worse)
-    passed: bool
-    reason: str
-
-    # Reading a record back: the computed `verdict` key is in the JSON but is not an input field.
-    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="strings")
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def verdict(self) -> Literal["PASS", "FAIL"]:
-        return "PASS" if self.passed else "FAIL"
-
-
-class ChampionRef(_Record):
-    version: str
-    model_uri: str
-
-
-class DecisionInputs(_Record):
-    metrics: str  # the evaluation output prefix
-    checkpoint: str  # the committed model output being gated
-    registry: str  # {registry.uri}/{registry.model_name}
-
-
-class Decision(_Record):
-    """The gate's decision record (`decision.json`): everything needed to audit or replay the decision."""
-
-    kind: Literal["gate-decision"] = DECISION_KIND
-    schema_version: int = SCHEMA_VERSION
-    decision: Literal["PASS", "FAIL"]
-    reasons: list[str]  # empty exactly when PASS
-    verdicts: list[Verdict]
-    champion: ChampionRef | None  # what the relative checks compared with; None = no champion yet
-    inputs: DecisionInputs
-    checkpoint_digest: str | None  # sha256 of the checkpoint's _MANIFEST.json bytes, as measured now
-    metrics_sha256: str | None  # sha256 of the metrics.json that was judged
-    run_id: str
-    code_version: str
-    config_digest: str
-    rules: list[GateRule]
-    time: str  # UTC ISO 8601
-
-    @property
-    def passed(self) -> bool:
-        return self.decision == "PASS"
-
-    def summary(self) -> str:
-        """`why.md`: first line PASS/FAIL, then the reasons, the failed checks, and a table of all checks."""
-        failed = [v for v in self.verdicts if not v.passed]
-        head = f"{self.decision}: run {self.run_id}"
-        head += f", {len(self.verdicts) - len(failed)}/{len(self.verdicts)} checks passed"
-        champ = f"champion {self.champion.version} ({self.champion.model_uri})" if self.champion else "no champion yet"
-        lines = [head, "", f"- checkpoint: `{self.inputs.checkpoint}` (manifest sha256 `{self.checkpoint_digest}`)",
-                 f"- metrics: `{self.inputs.metrics}`", f"- compared with: {champ}",
-                 f"- code {self.code_version}, config {self.config_digest}, {self.time}", ""]
-        if self.reasons:
-            lines += ["## Why it failed", ""] + [f"- {r}" for r in self.reasons] + [""]
-        if failed:
-            lines += ["## Failed checks", ""] + [f"- `{v.metric}`: {v.reason}" for v in failed] + [""]
-        lines += ["## All checks", "", "| metric | value | bounds | champion | delta | verdict | why |",
-                  "|---|---|---|---|---|---|---|"]
-        for v in sorted(self.verdicts, key=lambda v: (v.passed, v.metric)):
-            lines.append(f"| `{v.metric}` | {_fmt(v.value)} | {_bounds_text(v)} | {_fmt(v.champion)} | "
-                         f"{_fmt(v.delta, signed=True)} | {v.verdict} | {v.reason.replace('|', '/')} |")
-        return "\n".join(lines) + "\n"
-
-
-class MetricsFile(BaseModel):
-    """What `cafe evaluate` writes as `metrics.json` (extra fields are allowed and ignored here)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    run_id: str
-    checkpoint: str
-    checkpoint_digest: str | None  # None: measured on a plain folder without a manifest (never gated)
-    created: str
-    code_version: str
-    config_digest: str
-    metrics: dict[str, Any]
-
-
 # --- pure logic --------------------------------------------------------------------------------------
-
-
-def _fmt(x: float | None, signed: bool = False) -> str:
-    if x is None:
-        return "-"
-    return f"{x:+.4g}" if signed else f"{x:.4g}"
-
-
-def _bounds_text(v: Verdict) -> str:
-    parts = []
-    if v.min is not None:
-        parts.append(f">= {v.min:g}")
-    if v.max is not None:
-        parts.append(f"<= {v.max:g}")
-    if v.max_drop is not None:
-        parts.append(f"drop <= {v.max_drop:g}")
-    if v.max_drop_relative is not None:
-        parts.append(f"drop <= {v.max_drop_relative:.0%}")
-    return ", ".join(parts) + ("" if v.direction == "higher" else " (lower is better)")
 
 
 def as_number(x: Any) -> float | None:
@@ -253,23 +132,6 @@ def evaluate_rules(rules: list[GateRule], metrics: dict[str, Any], champion: dic
 # --- I/O ---------------------------------------------------------------------------------------------
 
 
-def read_metrics(store: Storage, prefix: str) -> tuple[MetricsFile, str]:
-    """The committed evaluation output's metrics.json (checksums verified) and its sha256.
-    Raises StorageError / ValueError with a message naming the problem."""
-    manifest = read_manifest(store, prefix)
-    if manifest.kind != METRICS_KIND:
-        raise StorageError(f"{prefix} is a {manifest.kind!r} output, not an {METRICS_KIND!r} one: point "
-                           "gate.metrics at the `cafe evaluate` output")
-    if METRICS_FILE not in manifest.names():
-        raise StorageError(f"{prefix} is committed but lists no {METRICS_FILE}: re-run cafe evaluate")
-    verify_output(store, prefix, manifest)
-    data = store.read_bytes(join(prefix, METRICS_FILE))
-    try:  # json.loads, not pydantic's parser: it reads the bare NaN that json.dumps writes
-        return MetricsFile.model_validate(json.loads(data)), sha256_bytes(data)
-    except ValueError as e:  # ValidationError and JSONDecodeError alike
-        raise ValueError(f"{join(prefix, METRICS_FILE)} is not a valid metrics file: {e}") from None
-
-
 def load_rules(store: Storage, uri: str) -> list[GateRule]:
     """The `rules:` list of a gate rules file (YAML, local or s3://), each rule validated. A relative local
     path that does not exist from here is read from the project folder (configs/gate.yaml anywhere)."""
@@ -291,10 +153,13 @@ def load_rules(store: Storage, uri: str) -> list[GateRule]:
     return out
 
 
-def decide(cfg: CafeConfig, store: Storage) -> Decision:
-    """Gather the inputs and judge them. Never raises for a problem with the inputs: it becomes a reason."""
-    from cafe_core.registry import RegistryError, champion as read_champion, registry_root  # imports this module
+def decide(cfg: CafeConfig, store: Storage, champion: Champion) -> Decision:
+    """Gather the inputs and judge them. Never raises for a problem with the inputs: it becomes a reason.
 
+    `champion` is what the registry says about the current champion (`registry.champion_metrics`): its
+    metrics, None when nothing was promoted yet, or `ChampionUnreadable`, which fails the decision."""
+    if champion is not None and not isinstance(champion, (ChampionInfo, ChampionUnreadable)):
+        raise TypeError(f"champion must be a ChampionInfo, ChampionUnreadable or None, not {type(champion).__name__}")
     g = cfg.gate
     reasons: list[str] = []
     rules = list(g.rules)
@@ -338,14 +203,12 @@ def decide(cfg: CafeConfig, store: Storage) -> Decision:
     champ_ref: ChampionRef | None = None
     champ_metrics: dict[str, Any] | None = None
     champ_error: str | None = None
-    try:
-        info = read_champion(cfg, store)
-        if info is not None:
-            champ_ref = ChampionRef(version=info.version, model_uri=info.model_uri)
-            champ_metrics = info.metrics
-    except (RegistryError, StorageError, ValueError) as e:
-        champ_error = str(e)
-        reasons.append(f"champion unreadable: {e}; repair the registry or roll back before gating")
+    if isinstance(champion, ChampionUnreadable):
+        champ_error = champion.error
+        reasons.append(f"champion unreadable: {champion.error}; repair the registry or roll back before gating")
+    elif champion is not None:
+        champ_ref = ChampionRef(version=champion.version, model_uri=champion.model_uri)
+        champ_metrics = champion.metrics
 
     verdicts = evaluate_rules(rules, metrics, champ_metrics) if metrics is not None else []
     if champ_error is not None:
@@ -382,18 +245,3 @@ def write_decision(store: Storage, cfg: CafeConfig, decision: Decision) -> str:
     out.commit(meta={"decision": decision.decision, "run_id": decision.run_id,
                      "checkpoint_digest": decision.checkpoint_digest})
     return uri
-
-
-def read_decision(store: Storage, uri: str) -> Decision:
-    """A committed decision record (its output's manifest checked). Raises StorageError/ValueError naming
-    what is wrong."""
-    prefix, _, name = uri.rstrip("/").rpartition("/")
-    manifest = read_manifest(store, prefix)
-    if manifest.kind != DECISION_KIND or name not in manifest.names():
-        raise ValueError(f"{uri} is not a decision record: {prefix} is a {manifest.kind!r} output listing "
-                         f"{manifest.names()[:5]}; pass the decision.json that `cafe gate` wrote")
-    verify_output(store, prefix, manifest)
-    try:
-        return Decision.model_validate_json(store.read_bytes(uri))
-    except ValidationError as e:
-        raise ValueError(f"{uri} is not a valid decision record: {e}") from None

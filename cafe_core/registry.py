@@ -30,26 +30,25 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cafe_core.commit import MANIFEST, Manifest, ManifestEntry, OutputWriter, read_manifest, verify_output
 from cafe_core.config import CafeConfig
-from cafe_core.gate import DECISION_FILE, METRICS_FILE, WHY_FILE, Decision, MetricsFile, read_decision
-from cafe_core.storage import (
-    MANIFEST,
-    Manifest,
-    ManifestEntry,
-    ObjectNotFound,
-    OutputWriter,
-    PreconditionFailed,
-    Storage,
-    StorageError,
-    join,
-    read_manifest,
-    sha256_bytes,
-    verify_output,
+from cafe_core.records import (
+    DECISION_FILE,
+    METRICS_FILE,
+    WHY_FILE,
+    ChampionInfo,
+    ChampionUnreadable,
+    Decision,
+    MetricsFile,
+    read_decision,
+    registry_root,
 )
+from cafe_core.storage import ObjectNotFound, PreconditionFailed, Storage, StorageError
+from cafe_core.uris import join, sha256_bytes
 from cafe_core.version import code_version
 
 ALIASES = "aliases.json"
@@ -113,15 +112,6 @@ class Aliases(BaseModel):
 
 
 @dataclass(frozen=True)
-class ChampionInfo:
-    version: str
-    model_uri: str  # the committed copy inside the registry (versions/<vN>/checkpoint)
-    metrics: dict[str, Any]  # the metrics it was promoted with
-    checkpoint_digest: str
-    decision_uri: str
-
-
-@dataclass(frozen=True)
 class PromoteResult:
     version: str
     model_uri: str
@@ -140,10 +130,6 @@ class RollbackResult:
 
 
 # --- paths and reads ---------------------------------------------------------------------------------
-
-
-def registry_root(cfg: CafeConfig) -> str:
-    return join(cfg.registry.uri, cfg.registry.model_name)
 
 
 def version_prefix(root: str, version: str) -> str:
@@ -271,6 +257,16 @@ def champion(cfg: CafeConfig, store: Storage) -> ChampionInfo | None:
                             "roll back (cafe rollback) or repair the version") from None
     return ChampionInfo(version=rec.version, model_uri=join(prefix, CHECKPOINT_DIR), metrics=metrics.metrics,
                         checkpoint_digest=rec.checkpoint_digest, decision_uri=join(prefix, DECISION_FILE))
+
+
+def champion_metrics(cfg: CafeConfig, store: Storage) -> ChampionInfo | ChampionUnreadable | None:
+    """What the gate compares a candidate with: `champion()`, except that a champion whose records cannot be
+    read is returned as ChampionUnreadable (naming the problem) instead of raised, so that `gate.decide`
+    records it as a FAIL reason: `decide(cfg, store, champion_metrics(cfg, store))`."""
+    try:
+        return champion(cfg, store)
+    except (RegistryError, StorageError, ValueError) as e:
+        return ChampionUnreadable(error=str(e))
 
 
 # --- promote -----------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 import boto3
 from botocore.config import Config as BotoConfig
+from cafe_core.errors import BadInput
 from cafe_core.ports import free_port
 
 # Placeholder keys for the loopback server (it checks none); real credentials are never sent to it.
@@ -33,7 +34,7 @@ LOCAL_CREDENTIALS = {"aws_access_key_id": "cafe-local", "aws_secret_access_key":
 STATE_FILE = "server.json"
 
 
-class EmbeddedS3Error(RuntimeError):
+class EmbeddedS3Error(BadInput, RuntimeError):
     pass
 
 

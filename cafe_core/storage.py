@@ -1,17 +1,13 @@
-"""Read and write local paths and ``s3://bucket/key`` URIs alike, and commit stage outputs atomically.
+"""Read and write local paths and ``s3://bucket/key`` URIs alike: the Storage class and its errors.
 
-Commit protocol: a stage writes its parts under a prefix, then writes ``_MANIFEST.json`` (every object with
-size and sha256) as the single commit point. A reader refuses a prefix without a manifest and reads only the
-objects the manifest lists, so it never sees a half-written output. Rewriting a prefix first removes the old
-manifest (the output reads as uncommitted until the new one lands), and objects of the old output that the
-new manifest does not list are deleted after the commit.
-
-Endpoint, region and credentials come from boto3's standard settings; nothing here logs or stores them.
+Each write makes the object appear whole or not at all; conditional writes (etag compare-and-swap) and
+copies serve the registry. The commit protocol built on this is in ``cafe_core.commit``, names and URIs in
+``cafe_core.uris``. Endpoint, region and credentials come from boto3's standard settings; nothing here logs
+or stores them. An S3 endpoint that cannot be reached raises StorageUnavailable, in one line.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import fcntl
 import hashlib
 import io
@@ -19,7 +15,6 @@ import json
 import os
 import shutil
 import tempfile
-import unicodedata
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,16 +22,19 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import boto3
+import boto3.exceptions
+import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
-from pydantic import BaseModel
 
-MANIFEST = "_MANIFEST.json"
-_HASH_CHUNK = 1 << 20
+from cafe_core.errors import BadInput
+from cafe_core.uris import is_s3, sha256_bytes, sha256_file, split_s3
+
+_CHUNK = 1 << 20  # streaming read/copy size
 
 
-class StorageError(RuntimeError):
+class StorageError(BadInput, RuntimeError):
     pass
 
 
@@ -57,72 +55,26 @@ class PreconditionFailed(StorageError):
     (if_none_match). The caller re-reads and decides again."""
 
 
-# --- names and URIs ----------------------------------------------------------------------------------
+class StorageUnavailable(StorageError):
+    """The S3 endpoint could not be reached, or the connection dropped, after the client's retries."""
 
 
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
+# Refused or dropped connections and timeouts (botocore retries these itself), a body cut short, and the
+# transfer manager's "download retries exhausted", which wraps one of them.
+_NETWORK_ERRORS = (
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.IncompleteReadError,
+    boto3.exceptions.RetriesExceededError,
+)
+_ATTEMPTS = "_cafe_attempts"
 
 
-def split_s3(uri: str) -> tuple[str, str]:
-    if not is_s3(uri):
-        raise StorageError(f"{uri!r} is not an s3:// URI")
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise StorageError(f"{uri!r} has no bucket (expected s3://bucket/key)")
-    return bucket, key
-
-
-def check_relative(name: str) -> str:
-    """A relative object name inside an output: forward slashes, no '..', not absolute, printable."""
-    if not name or name.startswith("/") or "\\" in name or "\x00" in name:
-        raise StorageError(f"object name {name!r} must be a non-empty relative path with '/' separators")
-    parts = name.split("/")
-    if any(p in ("", ".", "..") or not p.isprintable() for p in parts):
-        raise StorageError(f"object name {name!r} may not contain empty, '.', '..' or unprintable parts")
-    return name
-
-
-def safe_name(text: str, max_len: int = 80) -> str:
-    """Turn any id (hostile ones too) into one safe key component: [A-Za-z0-9._-], no leading dot, bounded
-    length. When anything had to change, a short hash of the original keeps distinct ids distinct."""
-    norm = unicodedata.normalize("NFKC", str(text))
-    cleaned = "".join(c if (c.isascii() and (c.isalnum() or c in "._-")) else "_" for c in norm)
-    cleaned = cleaned.strip("._-") or "id"
-    if cleaned == text and len(cleaned) <= max_len:
-        return cleaned
-    digest = hashlib.sha256(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{cleaned[: max_len - 13]}-{digest}"
-
-
-def join(base: str, *names: str) -> str:
-    """Join relative names onto a local path or URI; names are checked, never allowed to escape base."""
-    out = base.rstrip("/")
-    for name in names:
-        out = f"{out}/{check_relative(name)}"
-    return out
-
-
-def relative_to(uri: str, base: str) -> str:
-    base = base.rstrip("/") + "/"
-    if not uri.startswith(base):
-        raise StorageError(f"{uri!r} is not under {base!r}")
-    return uri[len(base) :]
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# --- the store ---------------------------------------------------------------------------------------
+def _note_attempts(attempts: int | None = None, caught_exception: Exception | None = None, **_: Any) -> None:
+    """needs-retry hook: botocore calls it after every attempt, so the error it finally raises carries the
+    number of attempts made."""
+    if caught_exception is not None and attempts is not None:
+        setattr(caught_exception, _ATTEMPTS, attempts)
 
 
 @dataclass(frozen=True)
@@ -185,9 +137,11 @@ class Storage:
                 s3={"addressing_style": "path"} if self.endpoint_url else None,
             )
             session = boto3.session.Session()
-            self._client = session.client(
+            client = session.client(
                 "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=cfg, **self._credentials
             )
+            client.meta.events.register("needs-retry.s3", _note_attempts)
+            self._client = client
         return self._client
 
     # -- errors
@@ -202,6 +156,25 @@ class Storage:
                 return StorageError(f"{uri}: access denied ({code}); check the S3 credentials in the environment")
             return StorageError(f"{uri}: S3 {op} failed: {code}")
         return StorageError(f"{uri}: {op} failed: {err}")
+
+    @contextmanager
+    def _network(self, op: str, uri: str) -> Iterator[None]:
+        """Wraps the S3 side of every operation: a refused, timed-out or dropped connection to the endpoint
+        becomes one line of StorageUnavailable naming the endpoint, the operation, the object and the
+        attempts made (botocore's retries are spent by then)."""
+        try:
+            yield
+        except _NETWORK_ERRORS as e:
+            err, tries = e, 1
+            if isinstance(e, boto3.exceptions.RetriesExceededError) and e.last_exception is not None:
+                # download_file's transfer manager re-tried a GET whose body kept breaking off
+                err, tries = e.last_exception, self._transfer.num_download_attempts
+            attempts = getattr(err, _ATTEMPTS, 1) * tries
+            where = (self._client.meta.endpoint_url if self._client is not None else None) or self.endpoint_url
+            raise StorageUnavailable(
+                f"S3 endpoint {where or 'the AWS default endpoint'} did not answer: {op} {uri} failed after "
+                f"{attempts} attempt{'' if attempts == 1 else 's'} ({type(err).__name__})"
+            ) from None
 
     def check_reachable(self, uri: str, timeout: float = 5.0) -> None:
         """Fail fast (one short try, no retries) when an S3 endpoint cannot be reached at all."""
@@ -218,23 +191,25 @@ class Storage:
             return  # the endpoint answered (a missing bucket or key is reported by the real call)
         except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeouts
             where = self.endpoint_url or "the AWS default endpoint"
-            raise StorageError(f"S3 endpoint {where} is unreachable ({type(e).__name__}); check s3.endpoint_url / AWS_ENDPOINT_URL") from None
+            raise StorageUnavailable(f"S3 endpoint {where} is unreachable ({type(e).__name__}); check s3.endpoint_url / AWS_ENDPOINT_URL") from None
 
-    def ensure_bucket(self, uri: str) -> None:
+    def ensure_bucket(self, uri: str, op: str = "create bucket") -> None:
+        """Create the URI's bucket unless it exists; ``op`` names the operation that needs it in errors."""
         bucket, _ = split_s3(uri)
         if bucket in self._known_buckets:
             return
-        try:
-            self.client.head_bucket(Bucket=bucket)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code not in ("404", "NoSuchBucket", "NotFound"):
-                raise self._fail(uri, "head_bucket", e) from None
+        with self._network(op, uri):
             try:
-                self.client.create_bucket(Bucket=bucket)
-            except ClientError as e2:
-                if e2.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    raise self._fail(uri, "create_bucket", e2) from None
+                self.client.head_bucket(Bucket=bucket)
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code not in ("404", "NoSuchBucket", "NotFound"):
+                    raise self._fail(uri, "head_bucket", e) from None
+                try:
+                    self.client.create_bucket(Bucket=bucket)
+                except ClientError as e2:
+                    if e2.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise self._fail(uri, "create_bucket", e2) from None
         self._known_buckets.add(bucket)
 
     # -- reads
@@ -245,10 +220,11 @@ class Storage:
             except FileNotFoundError:
                 raise StorageError(f"{uri} does not exist") from None
         bucket, key = split_s3(uri)
-        try:
-            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except ClientError as e:
-            raise self._fail(uri, "get", e) from None
+        with self._network("get", uri):
+            try:
+                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except ClientError as e:
+                raise self._fail(uri, "get", e) from None
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
@@ -265,10 +241,11 @@ class Storage:
             shutil.copyfile(uri, local_path)
             return local_path
         bucket, key = split_s3(uri)
-        try:
-            self.client.download_file(bucket, key, str(local_path), Config=self._transfer)
-        except ClientError as e:
-            raise self._fail(uri, "download", e) from None
+        with self._network("download", uri):
+            try:
+                self.client.download_file(bucket, key, str(local_path), Config=self._transfer)
+            except ClientError as e:
+                raise self._fail(uri, "download", e) from None
         return local_path
 
     @contextmanager
@@ -288,25 +265,27 @@ class Storage:
             return sha256_file(uri)
         bucket, key = split_s3(uri)
         h = hashlib.sha256()
-        try:
-            body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
-            for chunk in body.iter_chunks(_HASH_CHUNK):
-                h.update(chunk)
-        except ClientError as e:
-            raise self._fail(uri, "get", e) from None
+        with self._network("get", uri):
+            try:
+                body = self.client.get_object(Bucket=bucket, Key=key)["Body"]
+                for chunk in body.iter_chunks(_CHUNK):
+                    h.update(chunk)
+            except ClientError as e:
+                raise self._fail(uri, "get", e) from None
         return h.hexdigest()
 
     def exists(self, uri: str) -> bool:
         if not is_s3(uri):
             return Path(uri).is_file()
         bucket, key = split_s3(uri)
-        try:
-            self.client.head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
-                return False
-            raise self._fail(uri, "head", e) from None
+        with self._network("head", uri):
+            try:
+                self.client.head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+                    return False
+                raise self._fail(uri, "head", e) from None
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         """Every object below a folder/prefix (recursive), sorted by URI."""
@@ -322,15 +301,16 @@ class Storage:
         bucket, key = split_s3(base)
         key_prefix = f"{key}/" if key else ""
         out = []
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
-                for obj in page.get("Contents", []):
-                    if not obj["Key"].endswith("/"):
-                        out.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"]))
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
-                return []
-            raise self._fail(prefix, "list", e) from None
+        with self._network("list", prefix):
+            try:
+                for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+                    for obj in page.get("Contents", []):
+                        if not obj["Key"].endswith("/"):
+                            out.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"]))
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                    return []
+                raise self._fail(prefix, "list", e) from None
         return sorted(out, key=lambda o: o.uri)
 
     # -- writes (each object appears whole or not at all)
@@ -338,12 +318,13 @@ class Storage:
         if not is_s3(uri):
             _atomic_local_write(Path(uri), lambda f: f.write(data))
             return
-        self.ensure_bucket(uri)
+        self.ensure_bucket(uri, "put")
         bucket, key = split_s3(uri)
-        try:
-            self.client.upload_fileobj(io.BytesIO(data), bucket, key, Config=self._transfer)
-        except ClientError as e:
-            raise self._fail(uri, "put", e) from None
+        with self._network("put", uri):
+            try:
+                self.client.upload_fileobj(io.BytesIO(data), bucket, key, Config=self._transfer)
+            except ClientError as e:
+                raise self._fail(uri, "put", e) from None
 
     def write_text(self, uri: str, text: str) -> None:
         self.write_bytes(uri, text.encode("utf-8"))
@@ -357,14 +338,15 @@ class Storage:
             if Path(local_path).resolve() == dest.resolve():
                 return
             with open(local_path, "rb") as src:
-                _atomic_local_write(dest, lambda f: shutil.copyfileobj(src, f, _HASH_CHUNK))
+                _atomic_local_write(dest, lambda f: shutil.copyfileobj(src, f, _CHUNK))
             return
-        self.ensure_bucket(uri)
+        self.ensure_bucket(uri, "upload")
         bucket, key = split_s3(uri)
-        try:  # multipart above the threshold; S3 shows the object only once complete
-            self.client.upload_file(str(local_path), bucket, key, Config=self._transfer)
-        except ClientError as e:
-            raise self._fail(uri, "upload", e) from None
+        with self._network("upload", uri):
+            try:  # multipart above the threshold; S3 shows the object only once complete
+                self.client.upload_file(str(local_path), bucket, key, Config=self._transfer)
+            except ClientError as e:
+                raise self._fail(uri, "upload", e) from None
 
     # -- conditional writes and copies (registry aliases, version claims)
     def read_with_etag(self, uri: str) -> tuple[bytes, str]:
@@ -379,15 +361,16 @@ class Storage:
                 raise ObjectNotFound(f"{uri} does not exist") from None
             return data, sha256_bytes(data)
         bucket, key = split_s3(uri)
-        try:
-            resp = self.client.get_object(Bucket=bucket, Key=key)
-            return resp["Body"].read(), resp["ETag"]
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code")
-            if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
-                where = " (nor does its bucket)" if code == "NoSuchBucket" else ""
-                raise ObjectNotFound(f"{uri} does not exist{where}") from None
-            raise self._fail(uri, "get", e) from None
+        with self._network("get", uri):
+            try:
+                resp = self.client.get_object(Bucket=bucket, Key=key)
+                return resp["Body"].read(), resp["ETag"]
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code")
+                if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
+                    where = " (nor does its bucket)" if code == "NoSuchBucket" else ""
+                    raise ObjectNotFound(f"{uri} does not exist{where}") from None
+                raise self._fail(uri, "get", e) from None
 
     def write_bytes_if(self, uri: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         """Write only if the object still has etag ``if_match``, or (``if_none_match``) does not exist yet.
@@ -400,33 +383,35 @@ class Storage:
             raise StorageError(f"{uri}: write_bytes_if needs exactly one of if_match=ETAG or if_none_match=True")
         if not is_s3(uri):
             return _local_write_if(Path(uri), data, if_match, if_none_match)
-        self.ensure_bucket(uri)
+        self.ensure_bucket(uri, "conditional put")
         bucket, key = split_s3(uri)
         cond = {"IfMatch": if_match} if if_match is not None else {"IfNoneMatch": "*"}
-        try:
-            return self.client.put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            # 409 ConditionalRequestConflict: AWS's answer to two conditional writes in flight at once.
-            lost = code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
-            if lost or (if_match is not None and code in ("NoSuchKey", "404", "NotFound")):
-                what = f"its etag is no longer {if_match}" if if_match is not None else "it already exists"
-                raise PreconditionFailed(f"{uri}: conditional write refused ({what})") from None
-            raise self._fail(uri, "conditional put", e) from None
+        with self._network("conditional put", uri):
+            try:
+                return self.client.put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                # 409 ConditionalRequestConflict: AWS's answer to two conditional writes in flight at once.
+                lost = code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+                if lost or (if_match is not None and code in ("NoSuchKey", "404", "NotFound")):
+                    what = f"its etag is no longer {if_match}" if if_match is not None else "it already exists"
+                    raise PreconditionFailed(f"{uri}: conditional write refused ({what})") from None
+                raise self._fail(uri, "conditional put", e) from None
 
     def copy(self, src_uri: str, dst_uri: str) -> None:
         """Copy one object. S3 to S3 is a server-side managed copy (multipart above the threshold, so
         objects over 5 GB work); local to local is a file copy; across the two it downloads/uploads.
         The destination appears whole or not at all."""
         if is_s3(src_uri) and is_s3(dst_uri):
-            self.ensure_bucket(dst_uri)
+            self.ensure_bucket(dst_uri, f"copy {src_uri} to")
             sb, sk = split_s3(src_uri)
             db, dk = split_s3(dst_uri)
-            try:
-                self.client.copy({"Bucket": sb, "Key": sk}, db, dk, Config=self._transfer)
-            except ClientError as e:
-                raise self._fail(src_uri, f"copy to {dst_uri}", e) from None
+            with self._network("copy", f"{src_uri} to {dst_uri}"):
+                try:
+                    self.client.copy({"Bucket": sb, "Key": sk}, db, dk, Config=self._transfer)
+                except ClientError as e:
+                    raise self._fail(src_uri, f"copy to {dst_uri}", e) from None
             return
         if not is_s3(src_uri) and not Path(src_uri).is_file():
             raise StorageError(f"{src_uri} does not exist")
@@ -440,10 +425,11 @@ class Storage:
             Path(uri).unlink(missing_ok=True)
             return
         bucket, key = split_s3(uri)
-        try:
-            self.client.delete_object(Bucket=bucket, Key=key)
-        except ClientError as e:
-            raise self._fail(uri, "delete", e) from None
+        with self._network("delete", uri):
+            try:
+                self.client.delete_object(Bucket=bucket, Key=key)
+            except ClientError as e:
+                raise self._fail(uri, "delete", e) from None
 
 
 def _atomic_local_write(dest: Path, write) -> None:
@@ -479,142 +465,3 @@ def _local_write_if(dest: Path, data: bytes, if_match: str | None, if_none_match
         finally:
             fcntl.flock(lf.fileno(), fcntl.LOCK_UN)
     return sha256_bytes(data)
-
-
-# --- committed outputs -------------------------------------------------------------------------------
-
-
-class ManifestEntry(BaseModel):
-    name: str
-    size: int
-    sha256: str
-
-
-class Manifest(BaseModel):
-    kind: str
-    created: str
-    entries: list[ManifestEntry]
-    meta: dict[str, Any] = {}
-
-    def names(self) -> list[str]:
-        return [e.name for e in self.entries]
-
-    def entry(self, name: str) -> ManifestEntry:
-        for e in self.entries:
-            if e.name == name:
-                return e
-        raise StorageError(f"{name!r} is not part of this output (manifest lists {len(self.entries)} objects)")
-
-
-class OutputWriter:
-    """Collects the parts of one stage output and commits them with a manifest.
-
-    with OutputWriter(store, "s3://cafe/runs/r1/convert", kind="pairs") as out:
-        out.put_file("pairs/part-00000.parquet", local)
-        out.put_json("stats.json", stats)
-        out.commit(meta={...})
-
-    Leaving the block without commit() (an exception, a kill) leaves the output uncommitted.
-    """
-
-    def __init__(self, store: Storage, prefix: str, kind: str):
-        self.store = store
-        self.prefix = prefix.rstrip("/")
-        self.kind = kind
-        self._entries: dict[str, ManifestEntry] = {}
-        self.committed: Manifest | None = None
-        # Un-commit an earlier output at this prefix before any part is overwritten.
-        self._previous = {o.uri for o in store.list(self.prefix)}
-        manifest_uri = join(self.prefix, MANIFEST)
-        if manifest_uri in self._previous:
-            store.delete(manifest_uri)
-
-    def __enter__(self) -> "OutputWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def uri(self, name: str) -> str:
-        return join(self.prefix, name)
-
-    def _record(self, name: str, size: int, digest: str) -> str:
-        if name == MANIFEST:
-            raise StorageError(f"{MANIFEST} is written by commit() only")
-        self._entries[name] = ManifestEntry(name=name, size=size, sha256=digest)
-        return self.uri(name)
-
-    def add_uploaded(self, entry: ManifestEntry) -> str:
-        """List an object that another process (e.g. another rank) already uploaded under this prefix."""
-        check_relative(entry.name)
-        return self._record(entry.name, entry.size, entry.sha256)
-
-    def put_bytes(self, name: str, data: bytes) -> str:
-        uri = self.uri(name)
-        self.store.write_bytes(uri, data)
-        return self._record(name, len(data), sha256_bytes(data))
-
-    def put_text(self, name: str, text: str) -> str:
-        return self.put_bytes(name, text.encode("utf-8"))
-
-    def put_json(self, name: str, obj: Any) -> str:
-        return self.put_bytes(name, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-    def put_file(self, name: str, local_path: str | Path) -> str:
-        uri = self.uri(name)
-        self.store.upload(local_path, uri)
-        return self._record(name, Path(local_path).stat().st_size, sha256_file(local_path))
-
-    def commit(self, meta: dict[str, Any] | None = None) -> Manifest:
-        manifest = Manifest(
-            kind=self.kind,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            entries=sorted(self._entries.values(), key=lambda e: e.name),
-            meta=meta or {},
-        )
-        self.store.write_bytes(self.uri(MANIFEST), manifest.model_dump_json(indent=2).encode())
-        keep = {self.uri(n) for n in self._entries} | {self.uri(MANIFEST)}
-        for stale in sorted(self._previous - keep):
-            self.store.delete(stale)
-        self.committed = manifest
-        return manifest
-
-
-def read_manifest(store: Storage, prefix: str) -> Manifest:
-    uri = join(prefix.rstrip("/"), MANIFEST)
-    if not store.exists(uri):
-        raise NotCommittedError(
-            f"{prefix} is not a committed output (no {MANIFEST}): the stage writing it did not finish or "
-            "was interrupted; run it again"
-        )
-    try:
-        return Manifest.model_validate_json(store.read_bytes(uri))
-    except ValueError as e:
-        raise StorageError(f"{uri} is not a valid manifest: {e}") from None
-
-
-def manifest_digest(store: Storage, prefix: str) -> str:
-    """sha256 of the bytes of a committed output's manifest (which lists every file's sha256): equal digests
-    mean exactly the same files. Raises NotCommittedError when the output has none."""
-    uri = join(prefix.rstrip("/"), MANIFEST)
-    if not store.exists(uri):
-        raise NotCommittedError(f"{prefix} is not a committed output (no {MANIFEST}): run the stage that writes it")
-    return hashlib.sha256(store.read_bytes(uri)).hexdigest()
-
-
-def verify_output(store: Storage, prefix: str, manifest: Manifest | None = None, checksums: bool = True) -> Manifest:
-    """Check every listed object exists with its size (and sha256). Raises ChecksumError naming each bad one."""
-    manifest = manifest or read_manifest(store, prefix)
-    sizes = {o.uri: o.size for o in store.list(prefix)}
-    problems = []
-    for e in manifest.entries:
-        uri = join(prefix, e.name)
-        if uri not in sizes:
-            problems.append(f"{e.name}: missing")
-        elif sizes[uri] != e.size:
-            problems.append(f"{e.name}: size {sizes[uri]} != {e.size} in manifest")
-        elif checksums and store.sha256(uri) != e.sha256:
-            problems.append(f"{e.name}: sha256 differs from manifest")
-    if problems:
-        raise ChecksumError(f"{prefix} does not match its manifest:\n  " + "\n  ".join(problems))
-    return manifest

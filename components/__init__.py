@@ -1,20 +1,16 @@
-"""KFP v2 components: one per stage, thin wrappers of cafe_core.steps (no stage logic lives here).
+"""KFP v2 components: thin adapters over the stage layer (cafe_core.stages); no stage logic lives here.
 
-Each is a lightweight Python-function component on the project's base image (which has cafe installed,
-so `install_kfp_package=False`); the pipeline may replace the image per task (`set_container_image`).
+Each is a lightweight Python-function component on the project's base image (which has cafe installed, so
+`install_kfp_package=False`); `cafe_core.stages.step.run_step` runs the stage with the same errors and
+summary as `cafe <stage>`, and `publish` fills the typed output artifacts. The pipelines set each task's
+image from their `base_image` parameter.
 """
 
 from components.config import resolve_config
-from components.convert import convert
-from components.data import prepare_data
-from components.evaluate import compare_ablation, evaluate, evaluate_all, merge_evaluation
-from components.export import export
-from components.gate import gate
-from components.image import BASE_IMAGE
-from components.promote import promote
+from components.data import convert, prepare_data, validate
+from components.evaluate import compare_ablation, evaluate, evaluate_all, export, merge_evaluation
+from components.release import gate, promote
 from components.train import train
-from components.validate import validate
-
 
 __all__ = ["resolve_config", "prepare_data", "convert", "validate", "train", "export", "evaluate",
-           "merge_evaluation", "evaluate_all", "compare_ablation", "gate", "promote", "BASE_IMAGE"]
+           "merge_evaluation", "evaluate_all", "compare_ablation", "gate", "promote"]

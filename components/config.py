@@ -1,18 +1,28 @@
 from kfp import dsl
 
-from components.image import BASE_IMAGE
+from cafe_core.params import BASE_IMAGE, RunParams
+
+_D = RunParams()
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def resolve_config(config: str, root: str, run_id: str, kfp_run_id: str, data_uri: str, model_preset: str,
-                   model_checkpoint: str, a_lm: float, a_con: float, temperature: float, max_steps: int,
-                   nodes: int, gpus_per_node: int, gate_rules: str, overrides: list, lm_ratio: float = -1.0,
-                   train_data: str = "") -> str:
-    """The run's resolved configuration (YAML) from the base file and the pipeline's parameters."""
-    from cafe_core.steps import resolve_config as resolve
+def resolve_config(kfp_run_id: str, root: str, run_id: str, config: str, data_uri: str, model_preset: str,
+                   model_checkpoint: str, a_con: float, temperature: float, max_steps: int, nodes: int,
+                   gpus_per_node: int, overrides: list, a_lm: float = _D.a_lm, gate_rules: str = "",
+                   lm_ratio: float = -1.0) -> str:
+    """The run's resolved configuration (YAML): the base file, the pipeline's parameters (cafe_core.params),
+    the overrides. lm_ratio >= 0: the configuration of that a_lm:a_con ablation variant."""
+    import sys
 
-    text = resolve(config, root, run_id, kfp_run_id, data_uri, model_preset, model_checkpoint, a_lm, a_con,
-                   temperature, max_steps, nodes, gpus_per_node, gate_rules, [str(o) for o in overrides],
-                   lm_ratio, train_data)
-    print(f"config: the run's resolved configuration ({len(text)} characters) is this task's output")
-    return text
+    from cafe_core.config import ConfigError
+    from cafe_core.errors import exit_line
+    from cafe_core.params import RunParams, resolve_config as resolve
+
+    given = {k: v for k, v in locals().items() if k in RunParams.model_fields}
+    try:
+        cfg = resolve(RunParams(**given), kfp_run_id, lm_ratio if lm_ratio >= 0 else None)
+    except ConfigError as e:
+        print(exit_line(e), file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
+    print(f"config: run {cfg.run_id}, config digest {cfg.digest()} (the resolved YAML is this task's output)")
+    return cfg.to_yaml()

@@ -1,7 +1,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from components.image import BASE_IMAGE
+from cafe_core.params import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -9,14 +9,12 @@ def train(run_config: str, pairs: Input[Dataset], mode: str, nodes: int, gpus_pe
           namespace: str, s3_secret: str, model: Output[Model]):
     """CAFe training. mode "cluster": a Training Operator PyTorchJob (nodes x gpus_per_node, train_image),
     followed until it ends; mode "local": torchrun with train.nproc_per_node processes in this container."""
-    from cafe_core.steps import train_cluster, train_local
+    from cafe_core.stages import train as stages
+    from cafe_core.stages.step import publish, run_step
 
     if mode == "local":
-        result = train_local(run_config)
-    elif mode == "cluster":
-        result = train_cluster(run_config, train_image, nodes, gpus_per_node, namespace, s3_secret)
-    else:
-        raise ValueError(f"train mode {mode!r}: use 'cluster' (PyTorchJob) or 'local' (torchrun in the step)")
-    model.metadata.update(result.metadata())
-    with open(model.path, "w") as f:
-        f.write(result.uri + "\n")
+        result = run_step(stages.train, run_config)
+    else:  # "cluster" (RunParams.train_mode allows no other value)
+        result = run_step(stages.train_in_cluster, run_config, image=train_image, nodes=nodes,
+                          gpus_per_node=gpus_per_node, namespace=namespace, s3_secret=s3_secret)
+    publish(result, model)

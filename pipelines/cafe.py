@@ -1,33 +1,37 @@
-"""The CAFe pipeline: convert -> validate -> train -> export -> evaluate (parallel) -> gate -> promote (on PASS)."""
-
+"""The CAFe pipeline: convert -> validate -> train -> export -> evaluate (parallel) -> gate -> promote (on PASS).
+Its parameters are cafe_core.params.RunParams (names, types, defaults; a test keeps them equal)."""
 
 from kfp import dsl
 
+from cafe_core.config import FAMILIES
+from cafe_core.params import RunParams
 from components import (convert, evaluate, export, gate, merge_evaluation, prepare_data, promote, resolve_config,
                         train, validate)
-from pipelines.common import FAMILIES, S3_SECRET, prepare
+from pipelines.common import S3_SECRET, config_inputs, prepare
+
+P = RunParams()
 
 
 @dsl.pipeline(name="cafe", description="CAFe fine-tuning of LLaVA-OneVision: train, evaluate, gate, promote")
 def cafe_pipeline(
-    root: str = "s3://cafe",
-    run_id: str = "",
-    config: str = "configs/local.yaml",
-    data_uri: str = "",
-    model_preset: str = "tiny",
-    model_checkpoint: str = "",
-    a_lm: float = 1.0,
-    a_con: float = 10.0,
-    temperature: float = 0.05,
-    max_steps: int = 400,
-    train_mode: str = "cluster",
-    nodes: int = 1,
-    gpus_per_node: int = 0,
-    namespace: str = "kubeflow",
-    base_image: str = "cafe-base:latest",
-    train_image: str = "cafe-train:latest",
-    gate_rules: str = "configs/gate.yaml",
-    overrides: list = [],
+    root: str = P.root,
+    run_id: str = P.run_id,
+    config: str = P.config,
+    data_uri: str = P.data_uri,
+    model_preset: str = P.model_preset,
+    model_checkpoint: str = P.model_checkpoint,
+    a_lm: float = P.a_lm,
+    a_con: float = P.a_con,
+    temperature: float = P.temperature,
+    max_steps: int = P.max_steps,
+    train_mode: str = P.train_mode,
+    nodes: int = P.nodes,
+    gpus_per_node: int = P.gpus_per_node,
+    namespace: str = P.namespace,
+    base_image: str = P.base_image,
+    train_image: str = P.train_image,
+    gate_rules: str = P.gate_rules,
+    overrides: list = P.overrides,
 ):
     """root: S3 prefix of the run's artifacts ({root}/runs/{run_id}/). run_id: empty = the KFP run's id.
     config: base configuration file in the image (or overridden by the parameters here). data_uri: a
@@ -35,11 +39,8 @@ def cafe_pipeline(
     (s3:// or path) that replaces model_preset. train_mode: cluster (a PyTorchJob of nodes x gpus_per_node on
     train_image) or local (torchrun inside the step). gate_rules: the gate's rules file (path or s3://).
     overrides: any further `key=value` config overrides."""
-    cfg = prepare(resolve_config(
-        config=config, root=root, run_id=run_id, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, data_uri=data_uri,
-        model_preset=model_preset, model_checkpoint=model_checkpoint, a_lm=a_lm, a_con=a_con,
-        temperature=temperature, max_steps=max_steps, nodes=nodes, gpus_per_node=gpus_per_node,
-        gate_rules=gate_rules, overrides=overrides), base_image, "resolve config")
+    cfg = prepare(resolve_config(**config_inputs(locals()), a_lm=a_lm, gate_rules=gate_rules), base_image,
+                  "resolve config")
     run_config = cfg.output
     data = prepare(prepare_data(run_config=run_config), base_image, "prepare data")
     pairs = prepare(convert(run_config=run_config, synthetic=data.outputs["synthetic"]), base_image, "convert")

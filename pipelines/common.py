@@ -6,7 +6,6 @@ from kfp import kubernetes
 
 S3_SECRET = "cafe-s3"  # manifests/base/s3-secret.template.yaml
 S3_SECRET_KEYS = {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
-FAMILIES = ("retrieval", "mmeb", "pope", "caption", "mc", "gap")
 
 
 def prepare(task, image, name: str, cache: bool = True):
@@ -17,3 +16,12 @@ def prepare(task, image, name: str, cache: bool = True):
     task.set_caching_options(cache)
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
     return task
+
+
+def config_inputs(p: dict) -> dict:
+    """The config-resolving task's inputs from the pipeline's parameters (cafe_core.params)."""
+    from kfp import dsl
+
+    keys = ("root", "run_id", "config", "data_uri", "model_preset", "model_checkpoint", "a_con", "temperature",
+            "max_steps", "nodes", "gpus_per_node", "overrides")
+    return {"kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, **{k: p[k] for k in keys}}

@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -63,3 +64,84 @@ def _no_stray_aws_env(monkeypatch):
             monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+# --- training through `cafe train` -------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_CONFIG = str(REPO / "configs" / "local.yaml")
+TRAIN_DATA_RUN = "data"
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    """A root holding a small converted dataset (120 synthetic pairs, no bad rows) in a local folder, made
+    once per session (~2 s): train.data = {root}/runs/data/convert."""
+    from cafe_core.config import load_config
+    from cafe_core.data.convert import convert
+    from cafe_core.data.synth import generate
+
+    root = tmp_path_factory.mktemp("train-data")
+    cfg = load_config(LOCAL_CONFIG, [
+        f"root={root}", f"run_id={TRAIN_DATA_RUN}", "synth.train_size=120", "synth.bad_fraction=0",
+        "synth.retrieval_images=8", "synth.pope_images=2", "synth.mmeb_rows_per_dataset=2", "synth.mc_questions=4",
+        "synth.caption_images=2", "data.workers=0",
+    ])
+    generate(cfg.synth, Storage())
+    convert(cfg.data, Storage(), cfg.to_yaml(), progress=False)
+    return root
+
+
+def train_args(root: Path, output: Path | str, *extra: str) -> list[str]:
+    """`cafe train` arguments for a tiny run on `train_data`: 6 steps of 8 pairs, a log line every step. The
+    process count is local.yaml's (2) unless an override sets train.nproc_per_node."""
+    return [
+        "--config", LOCAL_CONFIG, f"root={root}", f"run_id={TRAIN_DATA_RUN}", f"train.output={output}",
+        "train.global_batch_size=8", "train.max_steps=6", "train.log_every=1", "train.eval_every=3",
+        "train.heldout_size=8", "train.checkpoint_every=2", "train.max_length=256", *extra,
+    ]
+
+
+# What a single in-process run leaves behind and the next one must not see.
+_PROCESS_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _reset_distributed() -> None:
+    """Trainer.cleanup() destroys the process group, but DeepSpeed keeps its clone of the world group in a
+    module global, and a second engine in the same process then fails ('Group ... is not registered')."""
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups._WORLD_GROUP = None
+        groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+
+
+@pytest.fixture
+def cafe_main(monkeypatch):
+    """`cafe ...` in this process: cafe_core.cli.main(argv) -> exit status; read output with capsys.
+
+    A single-process `cafe train` sets RANK/WORLD_SIZE/MASTER_* in os.environ for its world of one (which
+    would make the next `cafe train` think it runs under torchrun); the environment and DeepSpeed's group
+    globals are restored around every call."""
+    from cafe_core.cli import main
+
+    monkeypatch.chdir(REPO)
+    for var in _PROCESS_GROUP_ENV:
+        monkeypatch.delenv(var, raising=False)
+
+    def run(*argv: str) -> int:
+        saved = dict(os.environ)
+        _reset_distributed()
+        try:
+            return main(list(argv))
+        finally:
+            _reset_distributed()
+            os.environ.clear()
+            os.environ.update(saved)
+
+    return run

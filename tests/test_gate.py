@@ -11,15 +11,12 @@ import pytest
 import yaml
 
 from cafe_core.config import CafeConfig, GateConfig, GateRule, load_config
-from cafe_core.gate import (
-    Decision,
-    decide,
-    evaluate_rules,
-    load_rules,
-    read_decision,
-    write_decision,
-)
-from cafe_core.storage import MANIFEST, NotCommittedError, OutputWriter, Storage, join, manifest_digest, read_manifest
+from cafe_core.gate import decide, evaluate_rules, load_rules, write_decision
+from cafe_core.records import ChampionInfo, ChampionUnreadable, Decision, read_decision
+from cafe_core.registry import champion_metrics
+from cafe_core.commit import MANIFEST, OutputWriter, manifest_digest, read_manifest
+from cafe_core.storage import NotCommittedError, Storage
+from cafe_core.uris import join
 
 # --- helpers (test_registry.py uses them too) --------------------------------------------------------
 
@@ -83,9 +80,10 @@ def make_candidate(store: Storage, root: str, run_id: str, metrics: dict | None 
 
 def gate_run(store: Storage, root: str, run_id: str, metrics: dict | None = None,
              **kw) -> tuple[CafeConfig, Decision, str]:
-    """make_candidate, then decide and write the decision: (cfg, decision, decision.json URI)."""
+    """make_candidate, then decide (against the registry's champion, as cafe gate does) and write the
+    decision: (cfg, decision, decision.json URI)."""
     cfg = make_candidate(store, root, run_id, metrics, **kw)
-    decision = decide(cfg, store)
+    decision = decide(cfg, store, champion_metrics(cfg, store))
     return cfg, decision, write_decision(store, cfg, decision)
 
 
@@ -255,7 +253,7 @@ def test_uncommitted_metrics_fail(tmp_path):
     store, root = Storage(), str(tmp_path)
     cfg = make_candidate(store, root, "r1")
     store.delete(join(cfg.gate.metrics, MANIFEST))  # the evaluation never finished
-    d = decide(cfg, store)
+    d = decide(cfg, store, None)
     assert d.decision == "FAIL" and d.verdicts == []
     assert "not a committed output" in d.reasons[0]
     write_decision(store, cfg, d)  # a FAIL is written like a PASS
@@ -268,7 +266,7 @@ def test_metrics_of_another_run_fail(where):
     cfg = make_candidate(store, root, "r1")
     digest = manifest_digest(store, cfg.gate.checkpoint)
     make_metrics(store, cfg.gate.metrics, run_id="r0", digest=digest, metrics=GOOD)
-    d = decide(cfg, store)
+    d = decide(cfg, store, None)
     assert d.decision == "FAIL" and any("run_id is 'r0', not this run's 'r1'" in r for r in d.reasons)
 
 
@@ -277,7 +275,7 @@ def test_stale_metrics_fail(tmp_path):
     store, root = Storage(), str(tmp_path)
     cfg = make_candidate(store, root, "r1")
     make_model(store, cfg.gate.checkpoint, b"retrained")
-    d = decide(cfg, store)
+    d = decide(cfg, store, None)
     assert d.decision == "FAIL" and any(r.startswith("stale metrics") for r in d.reasons)
     assert all(v.passed for v in d.verdicts), "the values themselves were fine: only staleness fails"
 
@@ -286,7 +284,7 @@ def test_missing_checkpoint_fails(tmp_path):
     store, root = Storage(), str(tmp_path)
     cfg = make_candidate(store, root, "r1")
     store.delete(join(cfg.gate.checkpoint, MANIFEST))
-    d = decide(cfg, store)
+    d = decide(cfg, store, None)
     assert d.decision == "FAIL" and d.checkpoint_digest is None
     assert any("checkpoint" in r and "not a committed output" in r for r in d.reasons)
 
@@ -298,11 +296,11 @@ def test_tampered_or_foreign_metrics_fail(tmp_path):
     body = json.loads(store.read_bytes(uri))
     body["metrics"]["pope/random/f1"] = 0.99
     store.write_bytes(uri, json.dumps(body).encode())
-    assert any("does not match its manifest" in r for r in decide(cfg, store).reasons)
+    assert any("does not match its manifest" in r for r in decide(cfg, store, None).reasons)
     out = OutputWriter(store, cfg.gate.metrics, kind="pairs")  # a committed output of the wrong stage
     out.put_bytes("metrics.json", b"{}")
     out.commit()
-    assert any("is a 'pairs' output, not an 'evaluation' one" in r for r in decide(cfg, store).reasons)
+    assert any("is a 'pairs' output, not an 'evaluation' one" in r for r in decide(cfg, store, None).reasons)
 
 
 def test_nan_and_missing_metrics_fail(tmp_path):
@@ -311,7 +309,7 @@ def test_nan_and_missing_metrics_fail(tmp_path):
     del metrics["retrieval/shapes/i2t_R@1"]
     metrics["gap/centroid_distance"] = float("nan")  # unchecked by any rule: still a broken evaluation
     cfg = make_candidate(store, root, "r1", metrics)
-    d = decide(cfg, store)
+    d = decide(cfg, store, None)
     assert d.decision == "FAIL"
     failed = sorted(v.metric for v in d.verdicts if not v.passed)
     assert failed == ["pope/popular/f1", "retrieval/*/i2t_R@1"]
@@ -324,14 +322,14 @@ def test_metrics_of_an_unpinned_checkpoint_fail(tmp_path):
     store, root = Storage(), str(tmp_path)
     cfg = make_candidate(store, root, "r1")
     make_metrics(store, cfg.gate.metrics, run_id="r1", digest=None, metrics=GOOD, checkpoint="/some/hf/folder")
-    d = decide(cfg, store)
+    d = decide(cfg, store, None)
     assert d.decision == "FAIL" and any("has no manifest digest" in r for r in d.reasons)
 
 
 def test_no_rules_is_not_a_pass(tmp_path):
     store, root = Storage(), str(tmp_path)
     cfg = make_candidate(store, root, "r1", rules=[])
-    d = decide(cfg, store)
+    d = decide(cfg, store, None)
     assert d.decision == "FAIL" and d.verdicts == [] and "nothing checked is not a pass" in d.reasons[0]
 
 
@@ -340,14 +338,39 @@ def test_unreadable_champion_fails(where):
     cfg = make_candidate(store, root, "r1")
     aliases = join(cfg.registry.uri, cfg.registry.model_name, "aliases.json")
     store.write_json(aliases, {"champion": "v1", "previous": None, "history": []})  # v1 was never committed
-    d = decide(cfg, store)
+    d = decide(cfg, store, champion_metrics(cfg, store))
     assert d.decision == "FAIL" and any(r.startswith("champion unreadable") for r in d.reasons)
     # the drop checks could not be made, so they do not pass as "no champion" would
     assert [v.passed for v in d.verdicts if v.max_drop is not None] == [False, False]
     store.write_bytes(aliases, b"{not json")
-    d = decide(cfg, store)
+    d = decide(cfg, store, champion_metrics(cfg, store))
     assert d.decision == "FAIL" and any("is corrupt" in r for r in d.reasons)
 
+
+def test_champion_is_the_callers_argument(tmp_path):
+    """decide() judges against the champion it is given (nothing in the registry is read), and fails closed
+    on a champion the registry could not read, exactly as when it read the registry itself."""
+    store, root = Storage(), str(tmp_path)
+    cfg = make_candidate(store, root, "r1", {**GOOD, "pope/random/f1": 0.60})
+    champ = ChampionInfo(version="v7", model_uri="s3://reg/cafe/versions/v7/checkpoint", metrics=dict(GOOD),
+                         checkpoint_digest="d" * 64, decision_uri="s3://reg/cafe/versions/v7/decision.json")
+    d = decide(cfg, store, champ)
+    assert d.decision == "FAIL" and d.champion.version == "v7" and d.champion.model_uri == champ.model_uri
+    (bad,) = [v for v in d.verdicts if not v.passed]
+    assert (bad.metric, bad.champion) == ("pope/random/f1", 0.70)
+    assert d.reasons == ["1 of 5 checks failed: pope/random/f1"]
+    assert decide(cfg, store, None).decision == "PASS"  # no champion: the drop checks are skipped
+
+    d = decide(cfg, store, ChampionUnreadable("registry aliases s3://reg/cafe/aliases.json unreadable: boom"))
+    assert d.decision == "FAIL" and d.champion is None
+    assert d.reasons[0] == ("champion unreadable: registry aliases s3://reg/cafe/aliases.json unreadable: boom; "
+                            "repair the registry or roll back before gating")
+    drops = [v for v in d.verdicts if v.max_drop is not None]
+    assert drops and all(not v.passed and v.reason.startswith("champion unreadable, drop checks impossible")
+                         for v in drops)
+    assert all(v.passed for v in d.verdicts if v.max_drop is None)  # the absolute bounds are unaffected
+    with pytest.raises(TypeError, match="ChampionInfo, ChampionUnreadable or None"):
+        decide(cfg, store, {"pope/random/f1": 0.7})  # type: ignore[arg-type]
 
 def test_checkpoint_digest_is_the_manifest_hash(tmp_path):
     store = Storage()

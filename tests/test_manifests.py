@@ -1,4 +1,4 @@
-"""manifests/: every file parses, the kustomization is complete, RBAC is exactly what the launcher needs, the
+"""manifests/: every file parses, the kustomization is complete, RBAC is exactly what the train step needs, the
 PyTorchJobs (committed template and generated ones) validate against the Training Operator v1.9 CRD schema,
 no real secret is committed, and the kfp-launcher ConfigMap is in the format KFP 2.x reads."""
 
@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cafe_core.launcher import (
+from cafe_core.cluster.pytorchjob import (
     CONTAINER,
     S3_KEYS,
     TrainingJobSpec,
@@ -98,7 +98,7 @@ def test_kustomization_lists_existing_files_and_nothing_else():
 # --- RBAC --------------------------------------------------------------------------------------------
 
 
-def test_role_grants_exactly_what_the_launcher_needs():
+def test_role_grants_exactly_what_the_train_step_needs():
     (role,) = docs(BASE / "role.yaml")
     assert role["kind"] == "Role" and role["metadata"]["name"] == "cafe-pipeline"  # namespaced, not a ClusterRole
     granted = [(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
@@ -132,8 +132,8 @@ def test_committed_template_is_what_pytorchjob_generates(job_schema, capsys):
     committed = (BASE / "pytorchjob-template.yaml").read_text()
     generated = job_yaml(pytorchjob(example_spec()))
     assert committed == generated, (
-        "manifests/base/pytorchjob-template.yaml drifted from cafe_core.launcher.pytorchjob(): regenerate it with "
-        "`.venv/bin/python -m cafe_core.launcher example > manifests/base/pytorchjob-template.yaml`"
+        "manifests/base/pytorchjob-template.yaml drifted from cafe_core.cluster.pytorchjob.pytorchjob(): regenerate it "
+        "with `.venv/bin/python -m cafe_core.cluster.pytorchjob example > manifests/base/pytorchjob-template.yaml`"
     )
     assert main(["example"]) == 0 and capsys.readouterr().out == committed
     (job,) = docs(BASE / "pytorchjob-template.yaml")
@@ -213,7 +213,7 @@ def test_no_secret_with_real_values_is_committed():
             assert PLACEHOLDER in value, f"Secret {secret['metadata']['name']} key {key} holds a non-placeholder value"
 
 
-def test_s3_secret_template_has_the_keys_the_launcher_references():
+def test_s3_secret_template_has_the_keys_the_training_pods_reference():
     (secret,) = docs(BASE / "s3-secret.template.yaml")
     assert secret["metadata"]["name"] == TrainingJobSpec.model_fields["s3_secret"].default == "cafe-s3"
     assert set(secret_values(secret)) == set(S3_KEYS)

@@ -12,18 +12,19 @@ from transformers import LlavaOnevisionForConditionalGeneration
 
 from cafe_core.config import ModelConfig, TinyModelConfig
 from cafe_core.data.shapes import detailed_caption, render, sample_scene
-from cafe_core.model import (
+from cafe_core.model.build import (
+    TINY_MAX_GRID,
     ModelLoadError,
     build,
-    build_tokenizer,
     fetch_checkpoint,
     image_token_count,
     preset_config,
+    processor_for,
     save,
 )
-from cafe_core.model.build import TINY_MAX_GRID, processor_for
-from cafe_core.model.tokenizer import IMAGE_PROMPT, SPECIAL_TOKENS, TEXT_PROMPT
-from cafe_core.storage import Storage, safe_name
+from cafe_core.model.tokenizer import IMAGE_PROMPT, SPECIAL_TOKENS, TEXT_PROMPT, build_tokenizer
+from cafe_core.storage import Storage
+from cafe_core.uris import safe_name
 
 VOCAB = TinyModelConfig().vocab_size
 EXPECTED_IMAGE_TURN = (

@@ -19,7 +19,7 @@ SMALL = ["synth.train_size=120", "synth.bad_fraction=0", "synth.retrieval_images
 SCRIPT = """
 import json, sys
 from cafe_core.config import load_config
-from cafe_core.local_run import run_pipeline
+from cafe_core.kfp_local import run_pipeline
 from cafe_core.storage import Storage
 root, overrides = sys.argv[1], json.loads(sys.argv[2])
 cfg = load_config("configs/local.yaml", [f"root={root}", "run_id=abl", *overrides])

@@ -1,6 +1,7 @@
 """The pipelines: they compile, the committed YAML is current, and the compiled spec has the structure the
 issue asks for (parallel families, caching off where it must be, credentials only from a Secret, promote
-only under the gate's PASS, the ablation's ParallelFor and collected table). Plus the steps' pure parts."""
+only under the gate's PASS, the ablation's ParallelFor and collected table), their parameters are
+cafe_core.params', and the parameters resolve to the run's configuration."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 import yaml
 
 from cafe_core.config import ConfigError
-from cafe_core.steps import compare_ablation, config_of, resolve_config
+from cafe_core.params import AblationParams, RunParams, resolve_config
+from cafe_core.stages.step import config_of
+from cafe_core.storage import Storage
 from pipelines.compile import COMPILED, PIPELINES, compile_all
 
 SECRET_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
@@ -68,39 +71,83 @@ def test_ablation_pipeline_structure():
     assert compare["inputs"]["artifacts"]["variants"]["taskOutputArtifact"]["producerTask"] == loop_name
 
 
+@pytest.mark.parametrize("name, kind", [("cafe.yaml", RunParams), ("cafe-ablation.yaml", AblationParams)])
+def test_pipeline_parameters_are_the_typed_parameters(name, kind):
+    """One definition: the compiled pipeline's parameters, types and defaults are cafe_core.params'."""
+    spec, _ = load(name)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == set(kind.model_fields)
+    kinds = {str: "STRING", float: "NUMBER_DOUBLE", int: "NUMBER_INTEGER", list: "LIST"}
+    for field, info in kind.model_fields.items():
+        default = kind().model_dump()[field]
+        assert params[field]["defaultValue"] == default, field
+        assert params[field]["parameterType"] == kinds[type(default)], field
+
+
 def test_resolve_config_maps_parameters(tmp_path):
-    text = resolve_config("configs/local.yaml", str(tmp_path), "", "kfp-123", "s3://data/onevision", "",
-                          "s3://models/llava-ov", 0.5, 10.0, 0.07, 50, 1, 8, "s3://cfg/gate.yaml", ["train.seed=3"])
-    cfg = config_of(text)
+    cfg = resolve_config(RunParams(root=str(tmp_path), data_uri="s3://data/onevision", model_preset="",
+                                   model_checkpoint="s3://models/llava-ov", a_lm=0.5, temperature=0.07, max_steps=50,
+                                   gpus_per_node=8, gate_rules="s3://cfg/gate.yaml", overrides=["train.seed=3"]),
+                         kfp_run_id="kfp-123")
     assert cfg.run_id == "kfp-123" and cfg.train.output == f"{tmp_path}/runs/kfp-123/train"
     assert cfg.data.sources[0].uri == "s3://data/onevision"
     assert cfg.model.preset is None and cfg.model.checkpoint == "s3://models/llava-ov"
     assert (cfg.train.loss.a_lm, cfg.train.loss.a_con, cfg.train.loss.temperature) == (0.5, 10.0, 0.07)
     assert cfg.train.nproc_per_node == 8 and cfg.train.precision == "bf16" and cfg.train.seed == 3
-    assert cfg.gate.rules_from == "s3://cfg/gate.yaml"
-    variant = config_of(resolve_config("configs/local.yaml", str(tmp_path), "r9", "x", "", "tiny", "", 1.0, 10.0,
-                                       0.05, 5, 1, 0, "", [], lm_ratio=0.2))
+    assert cfg.gate.rules_from == "s3://cfg/gate.yaml" and cfg.ablation is None
+    variant = resolve_config(AblationParams(root=str(tmp_path), run_id="r9", max_steps=5), "x", lm_ratio=0.2)
     assert variant.run_id == "r9-lm0.2" and variant.train.loss.a_lm == pytest.approx(2.0)
+    assert variant.ablation.lm_ratio == 0.2 and variant.ablation.base_run_id == "r9"  # the ratio is config
     assert variant.train.data == f"{tmp_path}/runs/r9/convert"  # the base run's pairs
     with pytest.raises(ConfigError, match="not divisible by 3 nodes"):
-        resolve_config("configs/local.yaml", str(tmp_path), "r", "x", "", "tiny", "", 1.0, 10.0, 0.05, 5, 3, 0, "", [])
+        resolve_config(RunParams(root=str(tmp_path), run_id="r", nodes=3))
+    with pytest.raises(ConfigError, match="no KFP run id"):
+        resolve_config(RunParams(root=str(tmp_path)))
+
+
+def test_parameters_reproduce_a_locally_resolved_config(tmp_path):
+    """`cafe run` resolves once and passes parameters that give the same configuration back."""
+    from cafe_core.config import load_config
+    from cafe_core.params import of_config
+
+    cfg = load_config("configs/local.yaml", [f"root={tmp_path}", "run_id=auto", "train.max_steps=7",
+                                             "train.loss.a_lm=0.25"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    again = resolve_config(of_config(cfg, str(path), train_mode="local"))
+    assert again == cfg and again.digest() == cfg.digest()
+
+
+def test_typed_parameters_reject_what_the_pipeline_cannot_take():
+    from cafe_core.params import parse
+
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+        parse(RunParams, {"max_stepz": 3})
+    with pytest.raises(ConfigError, match="train_mode"):
+        parse(RunParams, {"train_mode": "gpu"})
+    with pytest.raises(ConfigError, match="ratios"):
+        parse(RunParams, {"ratios": [0.1]})  # an ablation parameter, not the main pipeline's
 
 
 def test_compare_ablation_table(tmp_path):
-    run_config = resolve_config("configs/local.yaml", str(tmp_path), "abl", "x", "", "tiny", "", 1.0, 10.0, 0.05, 5,
-                                1, 0, "", [])
+    from cafe_core.stages.evaluate import compare_ablation
+
+    cfg = resolve_config(AblationParams(root=str(tmp_path), run_id="abl"))
     variants = [
-        {"run_id": "abl-lm0.1", "retrieval/shapes/i2t_R@1": 0.4, "retrieval/shapes/t2i_R@1": 0.3,
-         "mmeb/overall/p@1": 0.3, "pope/average/f1": 0.66, "pope/average/accuracy": 0.5, "mc/mmstar/accuracy": 0.2,
-         "mc/mmstar/coarse/accuracy": 0.9},
-        {"run_id": "abl-lm0", "retrieval/shapes/i2t_R@1": 0.45, "pope/average/f1": 0.1},
+        {"retrieval/shapes/i2t_R@1": 0.4, "retrieval/shapes/t2i_R@1": 0.3, "mmeb/overall/p@1": 0.3,
+         "pope/average/f1": 0.66, "pope/average/accuracy": 0.5, "mc/mmstar/accuracy": 0.2,
+         "mc/mmstar/coarse/accuracy": 0.9, "cafe_output": {"run_id": "abl-lm0.1", "lm_ratio": 0.1}},
+        {"retrieval/shapes/i2t_R@1": 0.45, "pope/average/f1": 0.1,
+         "cafe_output": {"run_id": "abl-lm0", "lm_ratio": 0.0}},
     ]
-    markdown, html = compare_ablation(run_config, variants)
+    result = compare_ablation(cfg, Storage(), variants)
+    markdown, html = result.documents["comparison.md"], result.documents["comparison.html"]
     lines = markdown.splitlines()
     assert lines[4].startswith("| 0 | abl-lm0 | 0.4500 |") and "n/a" in lines[4]  # sorted by ratio
     assert lines[5].startswith("| 0.1 | abl-lm0.1 | 0.4000 | 0.3000 | 0.3000 | 0.6600 | 0.5000 | 0.2000 |")
     assert "<table" in html
     assert (tmp_path / "runs" / "abl" / "ablation" / "comparison.md").read_text() == markdown
+    assert result.uri == f"{tmp_path}/runs/abl/ablation"
 
 
 def test_command_line_compiles_and_refuses_a_five_field_cron(tmp_path):
@@ -122,13 +169,14 @@ def test_command_line_compiles_and_refuses_a_five_field_cron(tmp_path):
 def test_cluster_training_step_launches_a_job_that_runs_cafe_train_on_the_run_config(tmp_path, monkeypatch):
     """The train step in cluster mode: one PyTorchJob whose replicas read the run's resolved config from the
     environment; the step's outcome is the committed final output the job wrote."""
-    import cafe_core.launcher as launcher
-    from cafe_core import steps
+    import cafe_core.cluster.jobs as jobs
+    from cafe_core.cluster.pytorchjob import job_name
+    from cafe_core.commit import OutputWriter
     from cafe_core.config import load_config
-    from cafe_core.storage import OutputWriter, Storage
+    from cafe_core.stages.train import train_in_cluster
 
-    run_config = resolve_config("configs/local.yaml", str(tmp_path), "", "8f3c-RUN_1", "", "tiny", "", 1.0, 10.0,
-                                0.05, 5, 2, 8, "", [])
+    cfg = resolve_config(RunParams(root=str(tmp_path), nodes=2, gpus_per_node=8, max_steps=5), "8f3c-RUN_1")
+    run_config = cfg.to_yaml()
     launched = []
 
     def fake_launch(spec):
@@ -137,12 +185,12 @@ def test_cluster_training_step_launches_a_job_that_runs_cafe_train_on_the_run_co
         out.put_text("model/config.json", "{}")
         out.commit(meta={"steps": 5, "heldout/i2t_top1": 0.5})
 
-    monkeypatch.setattr(launcher, "launch", fake_launch)
-    result = steps.train_cluster(run_config, "registry/cafe-train:1", 2, 8, "ml", "cafe-s3")
+    monkeypatch.setattr(jobs, "run_training_job", fake_launch)
+    result = train_in_cluster(cfg, Storage(), "registry/cafe-train:1", 2, 8, "ml", "cafe-s3")
     (spec,) = launched
     assert (spec.image, spec.nodes, spec.gpus_per_node, spec.namespace, spec.s3_secret) == (
         "registry/cafe-train:1", 2, 8, "ml", "cafe-s3")
-    assert spec.name == launcher.job_name("8f3c-RUN_1")
+    assert spec.name == job_name("8f3c-RUN_1")
     assert spec.argv[-2:] == ["--config", "env:CAFE_CONFIG_YAML"] and spec.env["CAFE_CONFIG_YAML"] == run_config
     monkeypatch.setenv("CAFE_CONFIG_YAML", spec.env["CAFE_CONFIG_YAML"])
     replica = load_config("env:CAFE_CONFIG_YAML")  # what every replica's `cafe train` reads

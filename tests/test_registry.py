@@ -8,12 +8,13 @@ import threading
 
 import pytest
 
-from cafe_core.gate import decide, write_decision
+from cafe_core.gate import decide
 from cafe_core.registry import (
     Aliases,
     PromoteError,
     RegistryError,
     champion,
+    champion_metrics,
     claimed_versions,
     committed_versions,
     promote,
@@ -22,7 +23,10 @@ from cafe_core.registry import (
     rollback,
     version_prefix,
 )
-from cafe_core.storage import MANIFEST, PreconditionFailed, Storage, join, manifest_digest, read_manifest, verify_output
+from cafe_core.records import ChampionUnreadable
+from cafe_core.commit import MANIFEST, manifest_digest, read_manifest, verify_output
+from cafe_core.storage import PreconditionFailed, Storage
+from cafe_core.uris import join
 from tests.test_gate import GOOD, gate_run, make_candidate, make_model
 
 
@@ -190,8 +194,11 @@ def test_unreadable_champion_metrics(local):
     store.write_bytes(metrics, store.read_bytes(metrics).replace(b"0.7", b"0.9"))
     with pytest.raises(RegistryError, match="champion v1 .* metrics unreadable: .*sha256 differs"):
         champion(cfg, store)
+    unreadable = champion_metrics(cfg, store)
+    assert isinstance(unreadable, ChampionUnreadable) and "sha256 differs" in unreadable.error
     cfg2 = make_candidate(store, root, "r2")
-    assert decide(cfg2, store).decision == "FAIL"
+    d = decide(cfg2, store, champion_metrics(cfg2, store))
+    assert d.decision == "FAIL" and any(r.startswith("champion unreadable: champion v1 ") for r in d.reasons)
 
 
 def test_lost_reply_does_not_move_aliases_twice(local, monkeypatch):

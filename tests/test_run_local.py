@@ -10,7 +10,8 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from cafe_core.storage import NotCommittedError, Storage, read_manifest, verify_output
+from cafe_core.commit import read_manifest, verify_output
+from cafe_core.storage import NotCommittedError, Storage
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 SMALL = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -11,21 +12,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from cafe_core.commit import MANIFEST, OutputWriter, read_manifest, verify_output
+from cafe_core.ports import free_port
 from cafe_core.storage import (
-    MANIFEST,
     ChecksumError,
     NotCommittedError,
     ObjectNotFound,
-    OutputWriter,
     PreconditionFailed,
     Storage,
     StorageError,
-    check_relative,
-    join,
-    read_manifest,
-    safe_name,
-    verify_output,
+    StorageUnavailable,
 )
+from cafe_core.uris import check_relative, join, safe_name
 
 HOSTILE = [
     "../../x",
@@ -106,7 +104,8 @@ def test_killed_writer_leaves_no_readable_output(tmp_path):
     base = tmp_path / "out"
     code = (
         "import os, signal\n"
-        "from cafe_core.storage import OutputWriter, Storage\n"
+        "from cafe_core.commit import OutputWriter\n"
+        "from cafe_core.storage import Storage\n"
         f"out = OutputWriter(Storage(), {str(base)!r}, kind='t')\n"
         "out.put_bytes('part-0', b'x' * 1000)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -219,6 +218,70 @@ def test_retries_are_bounded(flaky_endpoint):
     with pytest.raises(StorageError, match="SlowDown"):
         store.read_bytes("s3://b/k")
     assert _Flaky.calls == 2
+
+
+@pytest.fixture
+def dead_endpoint(monkeypatch):
+    """An endpoint where nothing listens (connection refused), with credentials so boto3 gets that far."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def test_unreachable_endpoint_is_one_clear_error(dead_endpoint):
+    store = Storage(endpoint_url=dead_endpoint, region="us-east-1", max_attempts=2)
+    with pytest.raises(StorageUnavailable) as err:
+        store.write_bytes("s3://b/k", b"x")
+    msg = str(err.value)
+    assert msg == (f"S3 endpoint {dead_endpoint} did not answer: put s3://b/k failed after 2 attempts "
+                   "(EndpointConnectionError)")
+    assert "\n" not in msg and err.value.__cause__ is None and err.value.__suppress_context__
+    assert isinstance(err.value, StorageError)  # callers that catch StorageError still do
+
+
+@pytest.mark.parametrize("op, call", [
+    ("get", lambda s, tmp: s.read_bytes("s3://b/k")),
+    ("get", lambda s, tmp: s.sha256("s3://b/k")),
+    ("head", lambda s, tmp: s.exists("s3://b/k")),
+    ("list", lambda s, tmp: s.list("s3://b/k")),
+    ("get", lambda s, tmp: s.read_with_etag("s3://b/k")),
+    ("conditional put", lambda s, tmp: s.write_bytes_if("s3://b/k", b"x", if_none_match=True)),
+    ("upload", lambda s, tmp: s.upload(__file__, "s3://b/k")),
+    ("delete", lambda s, tmp: s.delete("s3://b/k")),
+    ("download", lambda s, tmp: s.download("s3://b/k", tmp / "x")),
+    ("copy", lambda s, tmp: s.copy("s3://b/k", "s3://b/k2")),
+])
+def test_every_s3_operation_reports_an_unreachable_endpoint(dead_endpoint, op, call, tmp_path):
+    store = Storage(endpoint_url=dead_endpoint, region="us-east-1", max_attempts=1)
+    with pytest.raises(StorageUnavailable, match=rf"^S3 endpoint {dead_endpoint} did not answer: {op} s3://b/k"
+                                                 r"( to s3://b/k2)? failed after 1 attempt \(EndpointConnectionError\)$"):
+        call(store, tmp_path)
+
+
+def test_dropped_connection_is_unavailable(monkeypatch):
+    """A server that accepts and hangs up without answering: the connection drops, retries included."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def hang_up():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(StorageUnavailable, match=r"get s3://b/k failed after 2 attempts \(ConnectionClosedError\)"):
+            Storage(endpoint_url=endpoint, region="us-east-1", max_attempts=2).read_bytes("s3://b/k")
+    finally:
+        listener.close()
+    assert len(accepted) == 2
 
 
 def test_secrets_never_reach_artifacts(s3_env, bucket, monkeypatch):

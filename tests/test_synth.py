@@ -21,7 +21,8 @@ from PIL import Image
 from cafe_core.config import SynthConfig
 from cafe_core.data import shapes as W
 from cafe_core.data.synth import BAD_KINDS, MMEB_DATASETS, generate, is_current, vocabulary
-from cafe_core.storage import Manifest, Storage, read_manifest, verify_output
+from cafe_core.commit import Manifest, read_manifest, verify_output
+from cafe_core.storage import Storage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # POPE's question; in the training conversations followed by the short-answer instruction

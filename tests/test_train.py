@@ -1,9 +1,16 @@
-"""Training through the real entry point: torchrun with 2 CPU processes, DeepSpeed, checkpoints, resume."""
+"""Training through the real entry point, `cafe train`.
+
+Single-process runs and errors found before any work call cafe_core.cli.main in this process (fixtures
+`cafe_main` and `train_data` in conftest.py); runs of several processes (torchrun, DeepSpeed over gloo) and
+the kill test start `python -m cafe_core.cli` as subprocesses and are marked slow.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,66 +19,212 @@ from pathlib import Path
 
 import pytest
 
+from cafe_core.commit import read_manifest, verify_output
 from cafe_core.config import load_config
-from cafe_core.data.convert import convert
-from cafe_core.data.synth import generate
 from cafe_core.model.build import build
-from cafe_core.storage import Storage, read_manifest, verify_output
+from cafe_core.storage import Storage
+from cafe_core.train.checkpoint import Checkpoints, tag_for
+from tests.conftest import LOCAL_CONFIG, train_args
 
-pytestmark = pytest.mark.slow
 CAFE = [sys.executable, "-m", "cafe_core.cli"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    """A small synthetic dataset, converted once for the module (local storage)."""
-    root = tmp_path_factory.mktemp("train")
-    cfg = load_config("configs/local.yaml", [f"root={root}", "run_id=data", "synth.train_size=120", "synth.bad_fraction=0",
-                                             "synth.retrieval_images=8", "synth.pope_images=2", "synth.mmeb_rows_per_dataset=2",
-                                             "synth.mc_questions=4", "synth.caption_images=2", "data.workers=0"])
-    generate(cfg.synth, Storage())
-    convert(cfg.data, Storage(), cfg.to_yaml(), progress=False)
-    return root
-
-
-def args(root: Path, out: str, *extra: str) -> list[str]:
-    return [
-        "--config", "configs/local.yaml", f"root={root}", "run_id=data", f"train.output={root}/{out}",
-        "train.global_batch_size=8", "train.max_steps=6", "train.log_every=1", "train.eval_every=3",
-        "train.heldout_size=8", "train.checkpoint_every=2", "train.max_length=256", *extra,
-    ]
+ONE_PROCESS = ["train.nproc_per_node=1"]
 
 
 def cafe(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([*CAFE, *argv], capture_output=True, text=True, timeout=timeout)
 
 
-def losses(root: Path, out: str) -> list[tuple[int, float, float, float]]:
-    lines = (root / out / "final" / "metrics.jsonl").read_text().splitlines()
-    return [(m["step"], m["loss"], m["loss_lm"], m["loss_con"]) for m in map(json.loads, lines)]
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "final" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_process_training_writes_a_loadable_model(data_root):
-    out = cafe("train", *args(data_root, "run2", "train.nproc_per_node=2", "train.zero_stage=2"))
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "2 processes under torchrun" in out.stdout and out.stdout.count("train: held-out") == 1  # rank 0 only
-    final = str(data_root / "run2" / "final")
+def losses(output: Path) -> list[tuple[int, float, float, float]]:
+    return [(m["step"], m["loss"], m["loss_lm"], m["loss_con"]) for m in metrics(output)]
+
+
+# --- golden values: one process, in this process ---------------------------------------------------
+
+# (step, loss, loss_lm, loss_con) logged by the tiny model (model.preset=tiny, init_seed 0) on `train_data`
+# (120 synthetic pairs), train.seed 0, global batch 8, max_length 256, fp32, ZeRO 2, one process, lr 1e-3
+# with cosine decay over 6 steps and no warmup (round(0.05 * 6) = 0), a_lm 1, a_con 10, heldout null.
+# Steps 1 and 2 do not depend on the schedule's length (the first update is at the peak lr), so the 2-step
+# run logs the same two values. Deterministic on CPU: two runs in fresh processes agree to the last bit.
+# Regenerate after an intended change (model init, data, loss, batching): run
+#   .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_train.py -k golden_six
+# and paste the (step, loss, loss_lm, loss_con) rows that its failure message lists.
+GOLDEN = [
+    (1, 29.014076232910156, 6.9188995361328125, 2.20951771736145),
+    (2, 28.955299377441406, 6.926394462585449, 2.202890396118164),
+    (3, 28.94664764404297, 6.753026008605957, 2.219362258911133),
+    (4, 27.582578659057617, 6.702581405639648, 2.0879998207092285),
+    (5, 27.422719955444336, 6.603740215301514, 2.0818979740142822),
+    (6, 27.349979400634766, 6.5327467918396, 2.081723213195801),
+]
+GOLDEN_TOL = dict(rel=1e-4, abs=1e-6)  # thread counts and BLAS builds move the last digits, nothing more
+GOLDEN_ARGS = [*ONE_PROCESS, "train.heldout=null"]
+
+
+def assert_golden(output: Path, steps: int) -> list[dict]:
+    got = losses(output)
+    listing = "\n".join(f"    {row!r}," for row in got)
+    assert [s for s, *_ in got] == list(range(1, steps + 1)), listing
+    for (step, *x), (_, *y) in zip(got, GOLDEN[:steps]):
+        assert x == pytest.approx(y, **GOLDEN_TOL), f"step {step}: logged {x}, recorded {y}; all logged:\n{listing}"
+    # Each loss is a_lm * loss_lm + a_con * loss_con of the same micro-batch.
+    for _, loss, lm, con in got:
+        assert loss == pytest.approx(1.0 * lm + 10.0 * con, rel=1e-5)
+    return metrics(output)
+
+
+def cosine_lr(step: int, total: int, peak: float = 1e-3) -> float:
+    """The lr logged after optimizer step `step` (1-based): the scheduler has already moved to the next one."""
+    return peak * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def test_golden_two_steps(train_data, tmp_path, cafe_main, capsys):
+    out = tmp_path / "golden2"
+    rc = cafe_main("train", *train_args(train_data, out, *GOLDEN_ARGS, "train.max_steps=2", "train.checkpoint_every=100"))
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    rows = assert_golden(out, 2)
+    assert [r["lr"] for r in rows] == pytest.approx([cosine_lr(1, 2), cosine_lr(2, 2)], abs=1e-12)  # 5e-4, 0
+    assert verify_output(Storage(), str(out / "final")).meta["steps"] == 2
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_golden_six_steps_and_resume_in_process(train_data, tmp_path, cafe_main, capsys):
+    """Six steps against the recorded losses, then the same run again: it resumes from the last checkpoint
+    (step 4) and must log steps 5 and 6 exactly as the uninterrupted run did."""
+    out = tmp_path / "golden6"
+    argv = train_args(train_data, out, *GOLDEN_ARGS)
+    assert cafe_main("train", *argv) == 0, capsys.readouterr().err[-3000:]
+    capsys.readouterr()
+    rows = assert_golden(out, 6)
+    assert [r["lr"] for r in rows] == pytest.approx([cosine_lr(s, 6) for s in range(1, 7)], abs=1e-12)
+    ckpts = out / "checkpoints"
+    assert json.loads((ckpts / "latest.json").read_text()) == {"step": 4, "tag": tag_for(4)}
+    first = losses(out)
+
+    shutil.rmtree(out / "final")
+    assert cafe_main("train", *argv, "train.prefetch_batches=0") == 0, capsys.readouterr().err[-3000:]
+    assert f"resumed from {ckpts / tag_for(4)} at step 4" in capsys.readouterr().out
+    assert losses(out) == pytest.approx(first, rel=1e-6, abs=1e-7)  # steps 1-4 from the checkpoint, 5-6 retrained
+
+    # The same checkpoints under another ZeRO stage are refused before any work.
+    assert cafe_main("train", *argv, "train.zero_stage=3") == 2
+    assert "zero_stage: checkpoint has 2, this run has 3" in capsys.readouterr().err
+
+
+# --- errors found before any work (in this process) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["train.global_batch_size=6", "train.grad_accum=4"], "not divisible by world size 2 x train.grad_accum 4"),
+        (["train.precision=bf16"], "train.precision=bf16 needs a GPU"),
+        (["train.resume=/nonexistent/step-00000002"], "checkpoint /nonexistent/step-00000002 is missing or was never committed"),
+        (["train.loss.a_lm=0", "train.loss.a_con=0"], "nothing to train"),
+        (["train.data=s3://cafe/x", "s3.embedded=never", "s3.endpoint_url=http://127.0.0.1:9"], "unreachable"),
+        (["train.parts.vision=false", "train.parts.projector=false", "train.parts.llm=false"], "nothing to train"),
+        (["train.data={root}/runs/nothing/convert"], "is not a committed output"),
+        pytest.param(["train.max_length=64", *ONE_PROCESS], "the largest image takes", marks=pytest.mark.slow),
+    ],
+)
+def test_clear_errors_before_any_work(train_data, tmp_path, cafe_main, capsys, monkeypatch, extra, message):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    rc = cafe_main("train", *train_args(train_data, tmp_path / "errors", *extra))
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    assert message in err
+    assert not (tmp_path / "errors").exists()
+
+
+def _fake_checkpoint(root: Path, output: Path, world: int, *overrides: str) -> None:
+    """A committed checkpoint with the metadata a run of `overrides` on `world` processes would save."""
+    from cafe_core.train.trainer import compatibility
+
+    class Engine:
+        def save_checkpoint(self, save_dir, tag, client_state):
+            (Path(save_dir) / tag).mkdir(parents=True)
+            (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"states")
+
+    cfg = load_config(LOCAL_CONFIG, [f"root={root}", "run_id=data", f"train.output={output}", *overrides])
+    Checkpoints(Storage(), str(output / "checkpoints"), keep=2).save(Engine(), 2, compatibility(cfg, world), {})
+
+
+@pytest.mark.parametrize(
+    "saved, now, message",
+    [
+        ([], ["train.zero_stage=3"], "zero_stage: checkpoint has 2, this run has 3"),
+        (["model.tiny.text_hidden=64"], [], "model_digest: checkpoint has"),
+    ],
+)
+def test_incompatible_checkpoint_is_refused(train_data, tmp_path, cafe_main, capsys, saved, now, message):
+    out = tmp_path / "compat"
+    _fake_checkpoint(train_data, out, 2, *saved)
+    assert cafe_main("train", *train_args(train_data, out, *now)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "start fresh with train.resume=none" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.json", tag_for(2)]  # untouched
+
+
+def test_world_size_must_match_the_checkpoint(train_data, tmp_path, cafe_main, capsys):
+    out = tmp_path / "world"
+    _fake_checkpoint(train_data, out, 4)
+    assert cafe_main("train", *train_args(train_data, out)) == 2
+    assert "world_size: checkpoint has 4, this run has 2" in capsys.readouterr().err
+
+
+# --- single-process runs (in this process) ----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["train.loss.mode=interleaved"], ["train.loss.a_lm=0"], ["train.loss.a_con=0"]])
+def test_loss_modes_train_on_one_process(train_data, tmp_path, cafe_main, capsys, extra):
+    """MMEB-style interleaved inputs, contrastive-only and LM-only runs all train and log their parts."""
+    out = tmp_path / "mode"
+    rc = cafe_main("train", *train_args(train_data, out, *ONE_PROCESS, "train.max_steps=2", "train.checkpoint_every=100", *extra))
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    last = metrics(out)[-1]
+    assert ("loss_lm" in last) == ("a_lm=0" not in extra[0]) and ("loss_con" in last) == ("a_con=0" not in extra[0])
+    assert last["heldout/chance"] == pytest.approx(1 / 8) and 0 <= last["heldout/i2t_top1"] <= 1
+
+
+def test_mfu_peaks_by_device_name():
+    from cafe_core.train.trainer import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert peak_tflops("cpu") is None
+
+
+# --- several processes (torchrun subprocesses) --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_process_training_writes_a_loadable_model(train_data):
+    out = train_data / "run2"
+    proc = cafe("train", *train_args(train_data, out, "train.nproc_per_node=2", "train.zero_stage=2"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 processes under torchrun" in proc.stdout and proc.stdout.count("train: held-out") == 1  # rank 0 only
+    final = str(out / "final")
     manifest = verify_output(Storage(), final)
     assert manifest.meta["steps"] == 6
-    metrics = [json.loads(line) for line in (data_root / "run2/final/metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "loss_lm", "loss_con", "lr", "lr/vision", "lr/projector", "lr/llm", "samples_per_s", "tokens_per_s"):
-        assert key in metrics[-1], key
-    assert metrics[2]["heldout/chance"] == pytest.approx(1 / 8) and 0 <= metrics[2]["heldout/i2t_top1"] <= 1
-    assert (data_root / "run2/final/loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    card = (data_root / "run2/final/model/README.md").read_text()
+        assert key in rows[-1], key
+    assert rows[2]["heldout/chance"] == pytest.approx(1 / 8) and 0 <= rows[2]["heldout/i2t_top1"] <= 1
+    assert (out / "final/loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "final/model/README.md").read_text()
     assert "heldout/i2t_top1" in card
     # The saved folder is a complete HF model that the builder loads.
-    cfg = load_config("configs/local.yaml", ["model.preset=null", f"model.checkpoint={final}/model"])
+    cfg = load_config(LOCAL_CONFIG, ["model.preset=null", f"model.checkpoint={final}/model"])
     model, processor = build(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0 and processor.tokenizer is not None
     # Checkpoints: committed, latest points at the last one, older ones pruned to keep_checkpoints (2).
-    ckpts = data_root / "run2/checkpoints"
+    ckpts = out / "checkpoints"
     latest = json.loads((ckpts / "latest.json").read_text())
     assert latest == {"step": 4, "tag": "step-00000004"}
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step-00000002", "step-00000004"]
@@ -92,68 +245,22 @@ def _kill_after_checkpoint(argv: list[str], step: int) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_killed_run_resumes_to_the_same_losses(data_root, zero_stage):
+def test_killed_run_resumes_to_the_same_losses(train_data, zero_stage):
     common = ["train.nproc_per_node=2", f"train.zero_stage={zero_stage}", "train.heldout=null"]
-    straight = cafe("train", *args(data_root, f"straight{zero_stage}", *common))
+    straight_out, killed_out = train_data / f"straight{zero_stage}", train_data / f"killed{zero_stage}"
+    straight = cafe("train", *train_args(train_data, straight_out, *common))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    _kill_after_checkpoint(["train", *args(data_root, f"killed{zero_stage}", *common)], step=2)
-    ckpts = data_root / f"killed{zero_stage}" / "checkpoints"
-    assert not (data_root / f"killed{zero_stage}" / "final").exists()
+    _kill_after_checkpoint(["train", *train_args(train_data, killed_out, *common)], step=2)
+    ckpts = killed_out / "checkpoints"
+    assert not (killed_out / "final").exists()
     assert json.loads((ckpts / "latest.json").read_text())["step"] >= 2
     # The restart also builds its batches in the loop instead of ahead (prefetch): same batches, same losses.
-    resumed = cafe("train", *args(data_root, f"killed{zero_stage}", *common, "train.prefetch_batches=0"))
+    resumed = cafe("train", *train_args(train_data, killed_out, *common, "train.prefetch_batches=0"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    a, b = losses(data_root, f"straight{zero_stage}"), losses(data_root, f"killed{zero_stage}")
+    a, b = losses(straight_out), losses(killed_out)
     assert [s for s, *_ in b] == [1, 2, 3, 4, 5, 6]
     for (step, *x), (_, *y) in zip(a, b):
         assert x == pytest.approx(y, rel=1e-6, abs=1e-7), f"step {step}: {x} != {y}"
-
-
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["train.global_batch_size=6", "train.grad_accum=4"], "not divisible by world size 2 x train.grad_accum 4"),
-        (["train.precision=bf16"], "train.precision=bf16 needs a GPU"),
-        (["train.resume=/nonexistent/step-00000002"], "missing or was never committed"),
-        (["train.loss.a_lm=0", "train.loss.a_con=0"], "nothing to train"),
-        (["train.data=s3://cafe/x", "s3.embedded=never", "s3.endpoint_url=http://127.0.0.1:9"], "unreachable"),
-        (["train.parts.vision=false", "train.parts.projector=false", "train.parts.llm=false"], "nothing to train"),
-        (["train.max_length=64", "train.nproc_per_node=1"], "the largest image takes"),
-    ],
-)
-def test_clear_errors_before_any_work(data_root, extra, message, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
-    started = time.monotonic()
-    out = cafe("train", *args(data_root, "errors", *extra), timeout=120)
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert message in out.stderr
-    assert not (data_root / "errors" / "checkpoints").exists()
-    assert time.monotonic() - started < 60
-
-
-def test_incompatible_checkpoint_is_refused(data_root):
-    out = cafe("train", *args(data_root, "compat", "train.max_steps=2", "train.checkpoint_every=1", "train.heldout=null"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    again = cafe("train", *args(data_root, "compat", "train.max_steps=4", "train.zero_stage=3", "train.heldout=null"))
-    assert again.returncode == 2 and "zero_stage: checkpoint has 2, this run has 3" in again.stderr
-
-
-@pytest.mark.parametrize("extra", [["train.loss.mode=interleaved"], ["train.loss.a_lm=0"], ["train.loss.a_con=0"]])
-def test_loss_modes_train_on_one_process(data_root, extra):
-    """MMEB-style interleaved inputs, contrastive-only and LM-only runs all train and log their parts."""
-    name = "mode-" + extra[0].split("=")[0].rsplit(".", 1)[1]
-    out = cafe("train", *args(data_root, name, "train.nproc_per_node=1", "train.max_steps=2", *extra))
-    assert out.returncode == 0, out.stderr[-3000:]
-    last = json.loads((data_root / name / "final" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert ("loss_lm" in last) == ("a_lm=0" not in extra[0]) and ("loss_con" in last) == ("a_con=0" not in extra[0])
-    assert "heldout/i2t_top1" in last
-
-
-def test_mfu_peaks_by_device_name():
-    from cafe_core.train.trainer import peak_tflops
-
-    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
-    assert peak_tflops("cpu") is None

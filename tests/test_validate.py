@@ -26,7 +26,8 @@ from cafe_core.data.validate import (
     validate_dataset,
 )
 from cafe_core.data.convert import PAIR_SCHEMA
-from cafe_core.storage import NotCommittedError, OutputWriter, Storage, read_manifest
+from cafe_core.commit import OutputWriter, read_manifest
+from cafe_core.storage import NotCommittedError, Storage
 
 CONFIG_YAML = "validate:\n  min_rows: 1\n"
 

@@ -34,7 +34,9 @@ from tqdm import tqdm
 from cafe_core.config import DataConfig
 from cafe_core.data import records as R
 from cafe_core.data.sources import FileProblem, read_source
-from cafe_core.storage import Manifest, OutputWriter, Storage, StorageError
+from cafe_core.errors import StageFailed
+from cafe_core.commit import Manifest, OutputWriter
+from cafe_core.storage import Storage, StorageError
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -53,7 +55,7 @@ PAIRS_DIR = "pairs"
 ROW_GROUP_ROWS = 256
 
 
-class ConvertError(RuntimeError):
+class ConvertError(StageFailed, RuntimeError):
     pass
 
 

@@ -24,7 +24,9 @@ import yaml
 
 from cafe_core.config import SourceConfig
 from cafe_core.data.records import IMAGE_PATH_OUTSIDE_FOLDER, MALFORMED_RECORD, MULTI_IMAGE, RawRecord
-from cafe_core.storage import Storage, StorageError, is_s3
+from cafe_core.errors import BadInput
+from cafe_core.storage import Storage, StorageError
+from cafe_core.uris import is_s3
 
 PARQUET_COLUMNS = ("id", "image", "conversations")
 BATCH_ROWS = 64
@@ -37,7 +39,7 @@ class FileProblem:
     records_read: int = 0
 
 
-class SourceError(ValueError):
+class SourceError(BadInput, ValueError):
     """The source as configured cannot be read at all (not a per-file problem)."""
 
 

@@ -43,7 +43,8 @@ from cafe_core.data.shapes import (
     short_captions,
     unique_shape_objects,
 )
-from cafe_core.storage import Manifest, OutputWriter, Storage, StorageError, read_manifest, verify_output
+from cafe_core.commit import Manifest, OutputWriter, read_manifest, verify_output
+from cafe_core.storage import Storage, StorageError
 
 # Bump when the generator's output changes for the same config, so `is_current` regenerates.
 GENERATOR_VERSION = 1

@@ -43,7 +43,9 @@ from PIL import Image  # noqa: E402
 from pydantic import BaseModel, computed_field  # noqa: E402
 
 from cafe_core.config import CHECKS, Bounds, Severity, ValidateConfig  # noqa: E402
-from cafe_core.storage import OutputWriter, Storage, StorageError, join, read_manifest  # noqa: E402
+from cafe_core.commit import OutputWriter, read_manifest  # noqa: E402
+from cafe_core.storage import Storage, StorageError  # noqa: E402
+from cafe_core.uris import join  # noqa: E402
 
 STATS = "stats.json"
 MAX_EXAMPLES = 10

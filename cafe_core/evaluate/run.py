@@ -7,12 +7,11 @@ metrics file and an HTML report.
 
 Embedding families (retrieval, mmeb, gap) read `cafe export`'s files, which must come from the same
 checkpoint files (digest check). Generative families (pope, caption, mc) load the checkpoint and generate.
-Families run independently (the pipeline runs them as parallel tasks); `merge` combines them.
+Families run independently (the pipeline runs them as parallel tasks); `merge.merge` combines them.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -23,18 +22,14 @@ from cafe_core.evaluate import choice, gap, mmeb, pope, retrieval
 from cafe_core.evaluate import sets as eval_sets
 from cafe_core.evaluate.export import Embeddings, load_for_inference
 from cafe_core.evaluate.generate import generate_answers
-from cafe_core.evaluate.report import render_report
+from cafe_core.evaluate.merge import EvaluationError, header, merge, uncommit
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.locate import CheckpointRef, locate
-from cafe_core.storage import MANIFEST, ManifestEntry, OutputWriter, Storage, join, read_manifest, sha256_bytes, verify_output
+from cafe_core.records import METRICS_FILE, METRICS_KIND
+from cafe_core.commit import OutputWriter
+from cafe_core.storage import Storage
+from cafe_core.uris import join
 from cafe_core.train.checkpoint import json_lines
-from cafe_core.version import code_version
-
-METRICS_FILE = "metrics.json"
-
-
-class EvaluationError(ValueError):
-    pass
 
 
 @dataclass
@@ -195,13 +190,6 @@ FAMILY_RUNNERS: dict[str, Callable[[Context], FamilyResult]] = {
 # --- stage -------------------------------------------------------------------------------------------
 
 
-def _header(cfg: CafeConfig, ref: CheckpointRef) -> dict[str, Any]:
-    return {"run_id": cfg.run_id, "checkpoint": ref.uri, "checkpoint_digest": ref.digest,
-            "embeddings": cfg.evaluate.embeddings,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "code_version": code_version(), "config_digest": cfg.digest()}
-
-
 def _check_numbers(family: str, metrics: dict[str, float]) -> None:
     bad = [k for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
     if bad:  # recorded as they are; the gate fails closed on them
@@ -211,55 +199,17 @@ def _check_numbers(family: str, metrics: dict[str, float]) -> None:
 def run_family(cfg: CafeConfig, store: Storage, family: str, progress: bool = True, ctx: Context | None = None) -> dict[str, float]:
     """Evaluate one family and commit `{evaluate.output}/<family>/`. Un-commits the combined output first."""
     ctx = ctx or Context(cfg, store, progress)
-    _uncommit(store, cfg.evaluate.output)
+    uncommit(store, cfg.evaluate.output)
     result = FAMILY_RUNNERS[family](ctx)
     _check_numbers(family, result.metrics)
     out = OutputWriter(store, join(cfg.evaluate.output, family), kind=f"evaluation-{family}")
-    out.put_json(METRICS_FILE, {**_header(cfg, ctx.ref), "family": family, "metrics": result.metrics,
+    out.put_json(METRICS_FILE, {**header(cfg, ctx.ref), "family": family, "metrics": result.metrics,
                                 "tables": [{"title": t, "header": h, "rows": r} for t, h, r in result.tables]})
     out.put_bytes("results.jsonl", json_lines(result.results))
     for name, data in result.files.items():
         out.put_bytes(name, data)
     out.commit(meta={"family": family, "metrics": len(result.metrics), "checkpoint_digest": ctx.ref.digest})
     return result.metrics
-
-
-def _uncommit(store: Storage, prefix: str) -> None:
-    manifest = join(prefix, MANIFEST)
-    if store.exists(manifest):
-        store.delete(manifest)
-
-
-def merge(cfg: CafeConfig, store: Storage, families: list[str] | None = None) -> dict[str, Any]:
-    """Combine the families' committed outputs into `metrics.json` + `report.html`, committed at
-    `{evaluate.output}` with a manifest that also lists every family's files."""
-    families = families or list(cfg.evaluate.families)
-    ref = locate(store, cfg.evaluate.checkpoint)
-    base = cfg.evaluate.output
-    metrics: dict[str, float] = {}
-    tables, images, entries = [], {}, []
-    for family in families:
-        prefix = join(base, family)
-        manifest = verify_output(store, prefix, read_manifest(store, prefix), checksums=False)
-        part = store.read_json(join(prefix, METRICS_FILE))
-        if part.get("checkpoint_digest") != ref.digest or part.get("run_id") != cfg.run_id:
-            raise EvaluationError(f"{prefix} was computed for another checkpoint or run; run `cafe evaluate --family {family}` again")
-        metrics.update(part["metrics"])
-        tables += [(t["title"], t["header"], t["rows"]) for t in part["tables"]]
-        for e in manifest.entries:
-            entries.append(e.model_copy(update={"name": f"{family}/{e.name}"}))
-            if e.name.endswith(".png"):
-                images[f"{family}/{e.name}"] = store.read_bytes(join(prefix, e.name))
-        manifest_bytes = store.read_bytes(join(prefix, MANIFEST))
-        entries.append(ManifestEntry(name=f"{family}/{MANIFEST}", size=len(manifest_bytes), sha256=sha256_bytes(manifest_bytes)))
-    record = {**_header(cfg, ref), "families": families, "metrics": dict(sorted(metrics.items()))}
-    out = OutputWriter(store, base, kind="evaluation")
-    for e in entries:
-        out.add_uploaded(e)
-    out.put_json(METRICS_FILE, record)
-    out.put_text("report.html", render_report(record, tables, images))
-    out.commit(meta={"families": families, "metrics": len(metrics), "checkpoint_digest": ref.digest})
-    return record
 
 
 def evaluate(cfg: CafeConfig, store: Storage, families: list[str] | None = None, progress: bool = True) -> dict[str, Any]:

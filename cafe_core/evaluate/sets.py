@@ -32,7 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cafe_core.storage import Storage, StorageError, is_s3, join
+from cafe_core.errors import BadInput
+from cafe_core.storage import Storage, StorageError
+from cafe_core.uris import is_s3, join
 
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 MMEB_META_TASKS: tuple[str, ...] = ("Classification", "VQA", "Retrieval", "Grounding")
@@ -57,7 +59,7 @@ MMEB_DATASETS: dict[str, tuple[str, str]] = {
 }
 
 
-class EvalSetError(ValueError):
+class EvalSetError(BadInput, ValueError):
     """An evaluation set is missing or malformed; the message names the file, record, field and the fix."""
 
 

@@ -1,27 +1,3 @@
-"""LLaVA-OneVision for CAFe: the project tokenizer, model/processor building, checkpoint loading and saving."""
-
-from cafe_core.model.build import (
-    LlavaOnevisionImageTextProcessor,
-    ModelLoadError,
-    build,
-    fetch_checkpoint,
-    image_token_count,
-    load,
-    preset_config,
-    processor_for,
-    save,
-)
-from cafe_core.model.tokenizer import build_tokenizer
-
-__all__ = [
-    "LlavaOnevisionImageTextProcessor",
-    "ModelLoadError",
-    "build",
-    "build_tokenizer",
-    "fetch_checkpoint",
-    "image_token_count",
-    "load",
-    "preset_config",
-    "processor_for",
-    "save",
-]
+"""LLaVA-OneVision for CAFe: the project tokenizer (tokenizer.py), model/processor building and checkpoint
+loading and saving (build.py), model inputs (inputs.py), the one-pass CAFe step (joint.py), and finding a
+checkpoint in storage (locate.py, which needs no torch)."""

@@ -38,8 +38,10 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging as hf_logging
 
 from cafe_core.config import ModelConfig, ModelPreset, TinyModelConfig
+from cafe_core.errors import BadInput
 from cafe_core.model.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, VIDEO_TOKEN, build_tokenizer
-from cafe_core.storage import Storage, StorageError, check_relative, is_s3, relative_to, safe_name
+from cafe_core.storage import Storage, StorageError
+from cafe_core.uris import check_relative, is_s3, relative_to, safe_name
 
 # Loading and saving a few files needs no progress bars of their own (the stages print their progress).
 hf_logging.disable_progress_bar()
@@ -56,7 +58,7 @@ ONEVISION_MAX_GRID = 6
 ANYRES = "anyres_max_9"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(BadInput, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the folder and the fix."""
 
 

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Iterator
 
 from cafe_core.config import ModelConfig
-from cafe_core.storage import MANIFEST, ChecksumError, Manifest, Storage, join, manifest_digest, read_manifest, sha256_file
+from cafe_core.errors import BadInput
+from cafe_core.commit import MANIFEST, Manifest, manifest_digest, read_manifest
+from cafe_core.storage import ChecksumError, Storage
+from cafe_core.uris import join, sha256_file
 
 MODEL_DIR = "model"
 
 
-class CheckpointNotFound(ValueError):
+class CheckpointNotFound(BadInput, ValueError):
     pass
 
 

@@ -23,16 +23,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cafe_core.storage import (
-    ManifestEntry,
-    NotCommittedError,
-    OutputWriter,
-    Storage,
-    join,
-    read_manifest,
-    sha256_file,
-    verify_output,
-)
+from cafe_core.errors import BadInput
+from cafe_core.commit import ManifestEntry, OutputWriter, read_manifest, verify_output
+from cafe_core.storage import NotCommittedError, Storage
+from cafe_core.uris import join, sha256_file
 
 LATEST = "latest.json"
 # Keys of the client state saved with every checkpoint (named once, as torchtune does).
@@ -40,7 +34,7 @@ STEP, WORLD_SIZE, ZERO_STAGE, MODEL_DIGEST = "step", "world_size", "zero_stage",
 CLIENT = "cafe"  # our keys live under one key of DeepSpeed's client state, apart from its own
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInput, RuntimeError):
     pass
 
 

@@ -17,13 +17,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from cafe_core.storage import Storage, join, read_manifest, safe_name, sha256_file
+from cafe_core.errors import BadInput
+from cafe_core.commit import read_manifest
+from cafe_core.storage import Storage
+from cafe_core.uris import join, safe_name, sha256_file
 
 COLUMNS = ["id", "image", "caption", "conversations"]
 ROW_GROUP_CACHE = 8
 
 
-class DataError(ValueError):
+class DataError(BadInput, ValueError):
     pass
 
 

@@ -39,17 +39,15 @@ from cafe_core.model.build import build, save
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.joint import CafeModel
 from cafe_core.ports import free_port
-from cafe_core.storage import OutputWriter, Storage, join, read_manifest
+from cafe_core.commit import OutputWriter, read_manifest
+from cafe_core.storage import Storage
+from cafe_core.uris import join
 from cafe_core.train import heldout as heldout_eval
 from cafe_core.train.checkpoint import MODEL_DIGEST, WORLD_SIZE, ZERO_STAGE, Checkpoints, json_lines, read_json_lines
 from cafe_core.train.data import BatchOrder, BatchPlan, DataError, PairShards
 from cafe_core.train.schedule import cosine_with_warmup
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
-
-
-class TrainError(RuntimeError):
-    """A problem found before any training work; the message says what to change."""
 
 
 @dataclass
@@ -84,7 +82,7 @@ def peak_tflops(device_name: str) -> float | None:
 
 def preflight(cfg: CafeConfig, store: Storage, world: int) -> str | None:
     """Every check that can fail before work starts, with the fix in the message: run once by the
-    launcher before it starts processes, and again by each process. Returns the checkpoint to resume."""
+    parent before torchrun starts processes, and again by each process. Returns the checkpoint to resume."""
     t = cfg.train
     if t.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         raise ConfigError("train.precision=bf16 needs a GPU with bf16 support; use train.precision=fp32 on this machine")

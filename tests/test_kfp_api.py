@@ -1,4 +1,4 @@
-"""cafe_core.submit: cron validation, typed pipeline parameters, and submit/schedule through the real kfp.Client
+"""cafe_core.kfp_api: cron validation, typed pipeline parameters, and submit/schedule through the real kfp.Client
 against a fake KFP REST API (http.server in a thread) that records what the client sent.
 
 No `from __future__ import annotations` here: kfp reads the toy component's annotations as types.
@@ -16,8 +16,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from cafe_core.submit import (ScheduleResult, SubmitError, SubmitResult, parse_params, pipeline_parameters,
-                              schedule, submit, validate_cron)
+from cafe_core.kfp_api import (ScheduleResult, SubmitError, SubmitResult, parse_params, pipeline_parameters,
+                               schedule, submit, validate_cron)
 
 # --- cron ------------------------------------------------------------------------------------------------------
 

@@ -25,10 +25,12 @@ from typing import Any, Iterable
 
 import yaml
 
+from cafe_core.errors import BadInput
+
 TOKEN_ENV = "KFP_TOKEN"
 
 
-class SubmitError(Exception):
+class SubmitError(BadInput):
     """Bad input or an unusable Kubeflow Pipelines endpoint, with what to change."""
 
 
@@ -176,6 +178,11 @@ def _load_spec(package_path: str | os.PathLike) -> dict:
     if not isinstance(spec, dict) or "root" not in spec or "pipelineInfo" not in spec:
         raise SubmitError(f"{path}: not a compiled KFP v2 pipeline (no root / pipelineInfo)")
     return spec
+
+
+def pipeline_name(package_path: str | os.PathLike) -> str:
+    """The name the package was compiled with (`cafe`, `cafe-ablation`)."""
+    return str(_load_spec(package_path)["pipelineInfo"].get("name", ""))
 
 
 def pipeline_parameters(package_path: str | os.PathLike) -> dict[str, dict]:

@@ -1,6 +1,7 @@
-"""cafe_core.launcher against a fake Kubernetes API server (kmock): the real `kubernetes` client talks HTTP to
-it, the tests play the Training Operator (each GET of the job moves it to the next status) and assert on the
-requests the server received. launch() is synchronous, so it runs in a thread while the server's loop serves.
+"""cafe_core.cluster.jobs against a fake Kubernetes API server (kmock): the real `kubernetes` client talks HTTP
+to it, the tests play the Training Operator (each GET of the job moves it to the next status) and assert on the
+requests the server received. run_training_job() is synchronous, so it runs in a thread while the server's loop
+serves. The pure job builder (cafe_core.cluster.pytorchjob) is tested in test_pytorchjob.py and test_manifests.py.
 """
 
 from __future__ import annotations
@@ -13,23 +14,18 @@ from pathlib import Path
 import kubernetes
 import pytest
 import yaml
-from pydantic import ValidationError
 
-from cafe_core.launcher import (
-    JOB_NAME_LABEL,
-    SPEC_DIGEST,
+from cafe_core.cluster.jobs import (
     TrainingJobError,
     TrainingJobFailed,
-    TrainingJobSpec,
     TrainingJobStuck,
     TrainingJobTimeout,
-    job_name,
     job_state,
-    launch,
     log_time,
-    pytorchjob,
+    run_training_job,
     sigterm_exits,
 )
+from cafe_core.cluster.pytorchjob import JOB_NAME_LABEL, SPEC_DIGEST, TrainingJobSpec, pytorchjob
 
 NS = "ml"
 JOBS = "kubeflow.org/v1/pytorchjobs"
@@ -39,7 +35,7 @@ ARGV = ["-m", "cafe_core.cli", "train", "--config", "/app/configs/cluster.yaml",
 
 
 def spec_for(name: str, **kw) -> TrainingJobSpec:
-    kw.setdefault("active_deadline_seconds", 20)  # a launcher bug ends in a timeout, not a hung test
+    kw.setdefault("active_deadline_seconds", 20)  # a bug here ends in a timeout, not a hung test
     return TrainingJobSpec(name=name, namespace=NS, image="registry.example.com/cafe:test", argv=ARGV, **kw)
 
 
@@ -96,10 +92,10 @@ class FakeCluster:
     def job_requests(self, method: str) -> list:
         return [r for r in self.requests(method) if r.resource == self.kmock.resource(JOBS)]
 
-    async def launch(self, spec: TrainingJobSpec, **kw):
+    async def run(self, spec: TrainingJobSpec, **kw):
         kw.setdefault("poll_seconds", POLL)
         kw.setdefault("timeout_margin_seconds", 0)
-        return await asyncio.to_thread(launch, spec, self.api, **kw)
+        return await asyncio.to_thread(run_training_job, spec, self.api, **kw)
 
 
 @pytest.fixture
@@ -141,7 +137,7 @@ async def test_succeeded_job_is_created_followed_and_deleted(cluster):
     cluster.log_lines[:] = ["2025-01-01T00:00:00.5Z step 1 loss 2.0", "2025-01-01T00:00:01Z step 2 loss 1.5"]
     printed: list[str] = []
 
-    outcome = await cluster.launch(spec, log=printed.append)
+    outcome = await cluster.run(spec, log=printed.append)
 
     posts = cluster.job_requests("post")
     assert len(posts) == 1 and posts[0].data == pytorchjob(spec)
@@ -161,7 +157,7 @@ async def test_succeeded_job_is_created_followed_and_deleted(cluster):
     # Every log line printed once although overlapping windows were read on every poll.
     assert sum("step 1 loss" in p for p in printed) == 1 and len(logs) >= 2
     assert any("Running" in p for p in printed) and any("Succeeded" in p for p in printed)
-    # Everything launch() asked of the API is granted by the shipped Role.
+    # Everything run_training_job() asked of the API is granted by the shipped Role.
     assert rbac_needed(cluster.kmock) <= rbac_grants()
 
 
@@ -170,7 +166,7 @@ async def test_cleanup_never_keeps_the_job(cluster):
     spec = spec_for("cafe-train-keep", cleanup="never")
     cluster.operate(spec.name, CREATED, cond("Succeeded", "PyTorchJobSucceeded", "done."))
 
-    outcome = await cluster.launch(spec, log=lambda _: None)
+    outcome = await cluster.run(spec, log=lambda _: None)
 
     assert outcome.state == "Succeeded" and not outcome.deleted
     assert cluster.job_requests("delete") == []
@@ -188,7 +184,7 @@ async def test_existing_job_of_a_retried_step_is_followed_not_recreated(cluster)
     cluster.operate(spec.name, RUNNING, cond("Succeeded", "PyTorchJobSucceeded", "done."))
     printed: list[str] = []
 
-    outcome = await cluster.launch(spec, log=printed.append)
+    outcome = await cluster.run(spec, log=printed.append)
 
     assert len(cluster.job_requests("post")) == 1  # tried once, got 409 Conflict
     assert cluster.job(spec.name).history[0]["metadata"]["uid"] == "from-the-first-attempt"  # not replaced
@@ -203,7 +199,7 @@ async def test_existing_job_with_another_spec_is_an_error_and_left_alone(cluster
     cluster.kmock.objects[JOBS, NS, spec.name] = stranger
 
     with pytest.raises(TrainingJobError, match="a different PyTorchJob ml/cafe-train-clash already exists"):
-        await cluster.launch(spec, log=lambda _: None)
+        await cluster.run(spec, log=lambda _: None)
 
     assert cluster.job_requests("delete") == []
     digest = stranger["metadata"]["annotations"][SPEC_DIGEST]
@@ -218,14 +214,14 @@ async def test_failed_job_raises_with_reason_and_last_log_lines(cluster):
     spec = spec_for("cafe-train-boom", cleanup="always")
     failed = cond("Failed", "PyTorchJobFailed",
                   "PyTorchJob ml/cafe-train-boom is failed because 1 Master replica(s) failed.")
-    # Failed is among the conditions the job goes through: launch must not report it as done.
+    # Failed is among the conditions the job goes through: run_training_job must not report it as done.
     cluster.operate(spec.name, CREATED, RUNNING, failed)
     cluster.add_pod(pod(f"{spec.name}-master-0", spec.name, phase="Failed"))
     cluster.log_lines[:] = ["2025-01-01T00:00:00Z Traceback (most recent call last):",
                             "2025-01-01T00:00:00.000000001Z ValueError: boom"]
 
     with pytest.raises(TrainingJobFailed) as err:
-        await cluster.launch(spec, log=lambda _: None)
+        await cluster.run(spec, log=lambda _: None)
 
     assert err.value.reason == "PyTorchJobFailed" and "1 Master replica(s) failed" in err.value.message
     assert "ValueError: boom" in str(err.value) and err.value.log_tail[-1] == "ValueError: boom"
@@ -242,7 +238,7 @@ async def test_deadline_exceeded_is_a_failure_and_the_failed_job_is_kept(cluster
     printed: list[str] = []
 
     with pytest.raises(TrainingJobFailed) as err:
-        await cluster.launch(spec, log=printed.append)
+        await cluster.run(spec, log=printed.append)
 
     assert err.value.reason == "DeadlineExceeded"
     assert "active_deadline_seconds" in str(err.value)  # says what to change
@@ -257,7 +253,7 @@ async def test_client_side_timeout_when_the_operator_never_ends_the_job(cluster)
     cluster.operate(spec.name, CREATED, RUNNING)  # Running forever
 
     with pytest.raises(TrainingJobTimeout, match="past activeDeadlineSeconds=1"):
-        await asyncio.wait_for(cluster.launch(spec, log=lambda _: None, timeout_margin_seconds=0.3), timeout=10)
+        await asyncio.wait_for(cluster.run(spec, log=lambda _: None, timeout_margin_seconds=0.3), timeout=10)
 
     assert len(cluster.job_requests("delete")) == 1  # abandoned while alive: on_success deletes it
 
@@ -271,7 +267,7 @@ async def test_unschedulable_pod_raises_stuck_naming_the_scheduler_message(clust
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}]))
 
     with pytest.raises(TrainingJobStuck) as err:
-        await asyncio.wait_for(cluster.launch(spec, log=lambda _: None), timeout=10)
+        await asyncio.wait_for(cluster.run(spec, log=lambda _: None), timeout=10)
 
     assert message in str(err.value) and "gpus_per_node" in str(err.value)
     assert cluster.job_requests("post")[0].data["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
@@ -287,7 +283,7 @@ async def test_missing_secret_raises_stuck_with_the_fix(cluster):
                                                   "message": 'secret "cafe-s3" not found'}}}]))
 
     with pytest.raises(TrainingJobStuck, match='secret "cafe-s3" not found.*kubectl create secret generic cafe-s3'):
-        await asyncio.wait_for(cluster.launch(spec, log=lambda _: None), timeout=10)
+        await asyncio.wait_for(cluster.run(spec, log=lambda _: None), timeout=10)
 
     assert cluster.job_requests("delete") == []  # cleanup=never
 
@@ -300,7 +296,7 @@ async def test_transient_api_errors_are_retried(cluster):
     kmock["get", kmock.resource(JOBS), kmock.name(spec.name)][:2] << 503  # the first two polls fail
     printed: list[str] = []
 
-    outcome = await cluster.launch(spec, log=printed.append)
+    outcome = await cluster.run(spec, log=printed.append)
 
     assert outcome.state == "Succeeded"
     assert sum("trying again" in p for p in printed) == 2
@@ -312,11 +308,11 @@ async def test_forbidden_create_says_which_role_is_missing(cluster):
     cluster.kmock["post", cluster.kmock.resource(JOBS)] << 403
 
     with pytest.raises(TrainingJobError, match="manifests/base/role.yaml"):
-        await cluster.launch(spec, log=lambda _: None)
+        await cluster.run(spec, log=lambda _: None)
 
 
 @pytest.mark.asyncio
-async def test_interrupted_launch_deletes_the_running_job(cluster):
+async def test_interrupted_run_deletes_the_running_job(cluster):
     spec = spec_for("cafe-train-cancel")
     cluster.operate(spec.name, CREATED, RUNNING)
 
@@ -326,7 +322,7 @@ async def test_interrupted_launch_deletes_the_running_job(cluster):
 
     def run() -> BaseException | None:  # SystemExit must not cross into the event loop
         try:
-            launch(spec, cluster.api, poll_seconds=POLL, log=cancel_when_running)
+            run_training_job(spec, cluster.api, poll_seconds=POLL, log=cancel_when_running)
         except BaseException as e:  # noqa: BLE001 - the point of the test
             return e
         return None
@@ -363,27 +359,3 @@ def test_log_time_orders_nanoseconds_and_zones():
     assert log_time("2025-01-01T00:00:00.1Z") > log_time("2025-01-01T00:00:00.09Z")
     assert log_time("2025-01-01T01:00:00+01:00") == log_time("2025-01-01T00:00:00Z")
     assert log_time("not-a-time") is None
-
-
-def test_job_name_from_run_ids():
-    assert job_name("20250101-120000") == "cafe-train-20250101-120000"
-    assert job_name("Run_1") != job_name("run-1")
-    long = job_name("x" * 100)
-    assert len(long) <= 48 and spec_for(long).name == long
-
-
-@pytest.mark.parametrize("field, value, words", [
-    ("name", "Cafe_Train", "lowercase"),
-    ("name", "7-starts-with-digit", "starting with a letter"),
-    ("env", {"AWS_SECRET_ACCESS_KEY": "x"}, "Secret"),
-    ("env", {"MASTER_ADDR": "x"}, "Training Operator"),
-    ("memory_request", "16 GB", "quantity"),
-    ("nodes", 0, "greater than or equal to 1"),
-    ("cleanup", "sometimes", "always"),
-])
-def test_spec_rejects_with_a_clear_message(field, value, words):
-    kw = {"name": "cafe-train-x", "namespace": NS, "image": "i", "argv": ARGV, field: value}
-    with pytest.raises(ValidationError, match=words):
-        TrainingJobSpec(**kw)
-    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
-        TrainingJobSpec(name="cafe-train-x", image="i", argv=ARGV, gpu=1)

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cafe_core.config import CafeConfig
+from cafe_core.layout import DECISION_FILE, METRICS_FILE, WHY_FILE, RunLayout
 from cafe_core.storage import Storage
-from cafe_core.train.launch import child_env
+from cafe_core.train.torchrun import child_env
 
 KFP_ROOT = Path(".cafe/kfp-local")
 LOG_DIR = Path(".cafe/logs")
+CONFIG_DIR = Path(".cafe/runs")  # each local run's resolved configuration, the pipeline's `config`
 # Lines worth showing live: kfp.local's task status, and the stages' own summary lines.
 SHOWN = re.compile(r"(Executing task|finished with status|Pipeline .* finished|"
                    r"^\s*((synth|convert|validate|train|export|evaluate|gate|promote|rollback): \S|step \d+:|FAILED|error:|Traceback))")
@@ -50,15 +52,21 @@ class _Filter:
         self.log.flush()
 
 
-def run_pipeline(cfg: CafeConfig, store: Storage, config_path: str | None, overrides: list[str],
-                 pipeline: str = "cafe", **params: Any) -> dict[str, Any]:
-    """Run a pipeline ("cafe" or "ablation") locally for `cfg.run_id`; returns the seconds of the run and of
-    its steps. `params` are further pipeline parameters (e.g. ratios for the ablation)."""
+def run_pipeline(cfg: CafeConfig, store: Storage, pipeline: str = "cafe", **params: Any) -> dict[str, Any]:
+    """Run a pipeline ("cafe" or "cafe-ablation") locally for the configuration `cfg`, resolved here once:
+    it is written to `.cafe/runs/<run_id>/config.yaml` and the pipeline's parameters are the ones that
+    reproduce it (cafe_core.params.of_config), plus `params` (e.g. ratios for the ablation). Returns the
+    seconds of the run and of its steps, and the log's path."""
     from kfp import local
 
+    from cafe_core.params import PARAMS_OF, of_config
     from pipelines.ablation import ablation_pipeline
     from pipelines.cafe import cafe_pipeline
 
+    resolved = CONFIG_DIR / cfg.run_id / "config.yaml"
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    resolved.write_text(cfg.to_yaml())
+    arguments = of_config(cfg, str(resolved.resolve()), PARAMS_OF[pipeline], train_mode="local", **params)
     os.environ.update(child_env(store))  # the tasks' S3 endpoint and placeholder keys, when embedded
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     KFP_ROOT.mkdir(parents=True, exist_ok=True)
@@ -69,28 +77,46 @@ def run_pipeline(cfg: CafeConfig, store: Storage, config_path: str | None, overr
     before = set(KFP_ROOT.iterdir())
     with open(log_path, "w") as log, contextlib.redirect_stdout(_Filter(log, sys.stdout)), \
             contextlib.redirect_stderr(_Filter(log, sys.stderr)):
-        common = dict(root=cfg.root, run_id=cfg.run_id, config=config_path or "configs/local.yaml",
-                      train_mode="local", overrides=overrides, **params)
-        if pipeline == "cafe":
-            cafe_pipeline(gate_rules=cfg.gate.rules_from or "", **common)
-        else:
-            ablation_pipeline(**common)
+        (cafe_pipeline if pipeline == "cafe" else ablation_pipeline)(**arguments.model_dump())
     wall = time.monotonic() - started
     run_dirs = sorted(set(KFP_ROOT.iterdir()) - before)
     return {"wall": wall, "steps": step_seconds(run_dirs[-1]) if run_dirs else {}, "log": str(log_path)}
 
 
+def where_everything_went(cfg: CafeConfig) -> list[str]:
+    """The run summary's list of outputs (cafe_core/layout.py names them; the config may have moved some)."""
+    run = RunLayout(cfg.root, cfg.run_id)
+    data = cfg.data.output if cfg.data else run.convert
+    return [
+        f"  synthetic data     {cfg.synth.output}/  (train/, eval/)",
+        f"  converted pairs    {data}/  {data}/rejects.jsonl  {data}/stats.json",
+        f"  validation         {cfg.validate_.output}/summary.txt  {cfg.validate_.output}/data_docs/index.html",
+        f"  checkpoints        {cfg.train.output}/checkpoints/  (latest.json)",
+        f"  trained model      {cfg.train.output}/final/model/  {cfg.train.output}/final/loss_curve.png",
+        f"  embeddings         {cfg.export.output}/index.parquet  {cfg.export.output}/shards/",
+        f"  evaluation         {cfg.evaluate.output}/{METRICS_FILE}  {cfg.evaluate.output}/report.html",
+        f"  gate decision      {cfg.gate.output}/{DECISION_FILE}  {cfg.gate.output}/{WHY_FILE}",
+        f"  registry           {cfg.registry.uri}/{cfg.registry.model_name}/aliases.json",
+        f"  KFP artifacts      {KFP_ROOT}/  (kfp.local's pipeline root)",
+        f"  resolved config    {CONFIG_DIR / cfg.run_id / 'config.yaml'}",
+    ]
+
+
+# A task's last words: the stage's one-line error (`error: ...` / `FAILED: ...`), else a traceback's last line.
+STAGE_ERROR = re.compile(r"^\s*((?:error|FAILED): .+)$")
 FAILURE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Failed|Exceeded|Exception)): (.+)$")
 
 
 def failure_reason(log_path: str | Path) -> str | None:
-    """The last exception message a task printed (its traceback's final line), for the run's error."""
-    found = None
+    """What made the run fail: the last stage error a task printed, else the last exception message."""
+    stage = found = None
     for line in Path(log_path).read_text(errors="replace").splitlines():
-        match = FAILURE.match(re.sub(r"\x1b\[[0-9;]*m", "", line))
-        if match:
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        if match := STAGE_ERROR.match(plain):
+            stage = match[1]
+        elif match := FAILURE.match(plain):
             found = f"{match[1]}: {match[2]}"
-    return found
+    return stage or found
 
 
 def step_seconds(run_dir: Path) -> dict[str, float]:

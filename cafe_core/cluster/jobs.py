@@ -6,13 +6,13 @@ What the pipeline's train step runs in cluster mode:
         name=job_name("r7"), image="registry.example.com/cafe:0.1.0", nodes=2, gpus_per_node=8,
         argv=["-m", "cafe_core.cli", "train", "--config", "/app/configs/cluster.yaml", "run_id=r7"],
     )
-    outcome = launch(spec)   # returns when the job Succeeded; raises a TrainingJobError subclass otherwise
+    outcome = run_training_job(spec)   # returns when the job Succeeded; raises a TrainingJobError subclass otherwise
 
-`pytorchjob(spec)` is the object that is created (pure, no cluster needed); `python -m cafe_core.launcher
-example` prints the committed example, manifests/base/pytorchjob-template.yaml.
+TrainingJobSpec, job_name and the PyTorchJob object it becomes live in cafe_core.cluster.pytorchjob (pure);
+this module is the Kubernetes client side.
 
-Kubernetes API calls made by launch(), all in the job's namespace (manifests/base/role.yaml grants exactly
-these to the pipeline's ServiceAccount `cafe-pipeline`):
+Kubernetes API calls made by run_training_job(), all in the job's namespace (manifests/base/role.yaml grants
+exactly these to the pipeline's ServiceAccount `cafe-pipeline`):
 
     create  kubeflow.org pytorchjobs           once; HTTP 409 (a retried step) -> follow the existing job
     get     kubeflow.org pytorchjobs/<name>    every poll: the job's conditions
@@ -24,63 +24,43 @@ these to the pipeline's ServiceAccount `cafe-pipeline`):
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
-import os
 import re
 import signal
-import sys
 import threading
 import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator
 
 import kubernetes
 import urllib3
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
-CONTAINER = "pytorch"  # the operator injects its env and finds the master port only in a container of this name
-PORT_NAME, PORT = "pytorchjob-port", 23456  # the operator's default name and port for the rendezvous
-JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # set by the operator on every pod of a job
-SPEC_DIGEST = "cafe/spec-digest"  # annotation: tells a retried step's own job from a stranger of the same name
-MAX_NAME = 48  # pods are "<name>-worker-<i>" and their hostnames must stay within 63 characters
-S3_KEYS = {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "AWS_ENDPOINT_URL": True}  # key: optional
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-OPERATOR_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")  # and every PET_* name
-GPU_ENV = {
-    "NCCL_DEBUG": "WARN",  # NCCL's own warnings reach the log; INFO is very verbose, set it via env to debug
-    # A rank stuck in a collective after a peer died raises instead of hanging until the deadline. The older
-    # NCCL_ASYNC_ERROR_HANDLING name is deprecated in torch >= 2.2.
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-}
-SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+from cafe_core.cluster.pytorchjob import (
+    CONTAINER,
+    GROUP,
+    JOB_NAME_LABEL,
+    PLURAL,
+    SPEC_DIGEST,
+    VERSION,
+    TrainingJobSpec,
+    pytorchjob,
+)
+from cafe_core.errors import StageFailed
+
 # Container waiting reasons that do not go away by waiting (unlike ContainerCreating).
 STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError")
 FAILED_API_POLLS = 5  # consecutive failed polls (API server restarts, network) before giving up
 LOG_TAIL = 40  # log lines kept for error messages
 
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
-# Kubernetes resource quantities, as in the CRD's schema.
-_NUMBER = r"(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-_QUANTITY = re.compile(rf"^{_NUMBER}(([KMGTPE]i)|[numkMGTPE]|([eE]{_NUMBER}))?$")
-
 
 # --- errors and results ------------------------------------------------------------------------------
 
 
-class TrainingJobError(RuntimeError):
+class TrainingJobError(StageFailed, RuntimeError):
     """The training job could not be created, followed or finished; the message says what to do."""
 
 
@@ -104,296 +84,16 @@ class TrainingJobTimeout(TrainingJobError):
 
 @dataclass
 class JobOutcome:
-    """A job that Succeeded, as launch() followed it."""
+    """A job that Succeeded, as run_training_job() followed it."""
 
     name: str
     namespace: str
     state: str  # "Succeeded"
     message: str  # the operator's message for that condition
-    seconds: float  # how long this launch followed the job
+    seconds: float  # how long run_training_job() followed the job
     created: bool  # False when a job of the same name and spec already existed and was followed
     deleted: bool = False  # whether cleanup deleted the job
     log_tail: list[str] = field(default_factory=list)  # the master's last log lines
-
-
-# --- the job specification ---------------------------------------------------------------------------
-
-
-def current_namespace(default: str = "default") -> str:
-    """The namespace this process runs in: $POD_NAMESPACE, else the in-cluster service account's, else default."""
-    if os.environ.get("POD_NAMESPACE"):
-        return os.environ["POD_NAMESPACE"]
-    try:
-        return SA_NAMESPACE_FILE.read_text().strip() or default
-    except OSError:
-        return default
-
-
-def job_name(run_id: str, prefix: str = "cafe-train") -> str:
-    """A valid PyTorchJob name for a run id: lowercased, other characters replaced by '-', a short hash of the
-    run id appended when that changed it (so 'Run_1' and 'run-1' stay apart), at most MAX_NAME characters."""
-    clean = re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
-    name = f"{prefix}-{clean}" if clean else prefix
-    if clean != run_id or len(name) > MAX_NAME:
-        digest = hashlib.sha256(run_id.encode()).hexdigest()[:6]
-        name = f"{name[: MAX_NAME - 7].rstrip('-')}-{digest}"
-    return name
-
-
-class TrainingJobSpec(BaseModel):
-    """Everything needed to run one training job; `pytorchjob()` turns it into the PyTorchJob object."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str  # the PyTorchJob's name; job_name(run_id) makes one
-    namespace: str = Field(default_factory=current_namespace)
-    image: str = Field(min_length=1)
-    # What each replica runs after torchrun, e.g. ["-m", "cafe_core.cli", "train", "--config", FILE, "k=v"].
-    argv: list[str] = Field(min_length=1)
-    nodes: int = Field(1, ge=1, le=256)  # pods: 1 Master + (nodes - 1) Workers
-    gpus_per_node: int = Field(0, ge=0, le=16)  # processes per node; 0 = a CPU job with one process per node
-    # Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and (optional) AWS_ENDPOINT_URL; None = no S3 env
-    # (e.g. credentials from the node's IAM role).
-    s3_secret: str | None = "cafe-s3"
-    env: dict[str, str] = Field(default_factory=dict)  # extra plain env; never credentials
-    cpu_request: str = "4"
-    memory_request: str = "16Gi"
-    cpu_limit: str | None = None
-    memory_limit: str | None = None
-    shm_size: str = "8Gi"  # /dev/shm (a memory emptyDir) for NCCL and DataLoader workers
-    service_account: str | None = None  # the training pods' own; they need no Kubernetes API access
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    active_deadline_seconds: int = Field(3 * 24 * 3600, ge=1)  # the operator fails the job after this
-    backoff_limit: int = Field(2, ge=0)  # container restarts (restartPolicy OnFailure) before the job fails
-    pending_timeout_seconds: float = Field(900.0, ge=0)  # how long pods may be unable to start
-    # Delete the job at the end: always; on_success (and when the launcher gives up on a job that is still
-    # alive: stuck, timed out, interrupted), keeping failed jobs for inspection; never.
-    cleanup: Literal["always", "on_success", "never"] = "on_success"
-    labels: dict[str, str] = Field(default_factory=dict)  # on the job and its pods
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if len(v) > MAX_NAME or not _DNS1035.match(v):
-            raise ValueError(
-                f"job name {v!r} is not valid: use at most {MAX_NAME} lowercase letters, digits and '-', starting "
-                "with a letter and ending with a letter or digit (the operator names pods and Services after it, "
-                "which must be DNS-1035 labels); job_name(run_id) builds one"
-            )
-        return v
-
-    @field_validator("namespace")
-    @classmethod
-    def _namespace(cls, v: str) -> str:
-        if len(v) > 63 or not _DNS1123_LABEL.match(v):
-            raise ValueError(f"namespace {v!r} is not a valid Kubernetes namespace name (a DNS-1123 label)")
-        return v
-
-    @field_validator("s3_secret", "service_account")
-    @classmethod
-    def _object_name(cls, v: str | None) -> str | None:
-        if v is not None and (len(v) > 253 or not _DNS1123_SUBDOMAIN.match(v)):
-            raise ValueError(f"{v!r} is not a valid Kubernetes object name (lowercase DNS-1123 subdomain)")
-        return v
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
-            if not _ENV_NAME.match(key):
-                raise ValueError(f"env name {key!r} is not a valid environment variable name")
-            if key in SECRET_ENV:
-                raise ValueError(f"env {key} must not be a plain value: put it in the Secret named by s3_secret")
-            if key in OPERATOR_ENV or key.startswith("PET_"):
-                raise ValueError(f"env {key} is set by the Training Operator for the rendezvous; remove it")
-        return v
-
-    @field_validator("cpu_request", "memory_request", "cpu_limit", "memory_limit", "shm_size")
-    @classmethod
-    def _quantity(cls, v: str | None) -> str | None:
-        if v is not None and not _QUANTITY.match(v):
-            raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. '4', '500m', '16Gi')")
-        return v
-
-    @field_validator("labels", "node_selector")
-    @classmethod
-    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, value in v.items():
-            if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
-                raise ValueError(f"label {key}={value!r} is not a valid Kubernetes label (key and value)")
-        return v
-
-    @model_validator(mode="after")
-    def _argv(self) -> "TrainingJobSpec":
-        if self.argv[0] not in ("-m", "--module") and not self.argv[0].endswith(".py"):
-            raise ValueError(f"argv must start with '-m MODULE' or a script path for torchrun, got {self.argv[0]!r}")
-        return self
-
-
-def example_spec() -> TrainingJobSpec:
-    """The documented example: 2 nodes x 8 GPUs; manifests/base/pytorchjob-template.yaml is its job."""
-    return TrainingJobSpec(
-        name="cafe-train-example",
-        namespace="cafe",
-        image="registry.example.com/cafe:0.1.0",
-        nodes=2,
-        gpus_per_node=8,
-        argv=["-m", "cafe_core.cli", "train", "--config", "/app/configs/cluster.yaml", "run_id=example"],
-        cpu_request="32",
-        memory_request="256Gi",
-        memory_limit="512Gi",
-        shm_size="64Gi",
-    )
-
-
-# --- the PyTorchJob object ---------------------------------------------------------------------------
-
-
-def procs_per_node(spec: TrainingJobSpec) -> int:
-    """Training processes per pod: one per GPU, or one on a CPU job."""
-    return spec.gpus_per_node or 1
-
-
-def torchrun_command(spec: TrainingJobSpec) -> list[str]:
-    """The container command: torchrun with static rendezvous on the operator's master address.
-
-    The Training Operator v1.9 sets in every replica's `pytorch` container: MASTER_ADDR=<job>-master-0 (the
-    Master pod, reachable through the Service the operator creates for it), MASTER_PORT=23456 (the port named
-    pytorchjob-port), PET_MASTER_ADDR/PET_MASTER_PORT (the same), PET_NNODES=<replicas>, PET_NPROC_PER_NODE=
-    <nprocPerNode>, PET_NODE_RANK=RANK=<node index> (Master 0, Worker i -> i+1), WORLD_SIZE=<replicas x
-    nprocPerNode> and PYTHONUNBUFFERED. Worker pods also get an init container that waits until the master's
-    name resolves.
-
-    Static rendezvous, not c10d: the job is not elastic (fixed nodes, no elasticPolicy), the operator already
-    hands every pod a fixed node rank and the master's address, and static keeps node rank 0 - hence global
-    rank 0, the one that logs, checkpoints and writes the outputs - on the Master pod whose log launch()
-    follows. c10d would hand out node ranks in arrival order and gains nothing without elasticity. The same
-    command works for one node (Master only, rank 0, the store on itself) and for N nodes.
-
-    `$(VAR)` is expanded by Kubernetes from the container's env (which includes what the operator injects),
-    so the flags spell out what torchrun would otherwise read implicitly from PET_* variables.
-    """
-    return [
-        "python", "-m", "torch.distributed.run",
-        f"--nnodes={spec.nodes}",
-        f"--nproc_per_node={procs_per_node(spec)}",
-        "--node_rank=$(PET_NODE_RANK)",
-        "--master_addr=$(MASTER_ADDR)",
-        "--master_port=$(MASTER_PORT)",
-        "--rdzv_backend=static",
-    ]
-
-
-def container_env(spec: TrainingJobSpec) -> list[dict[str, Any]]:
-    """Plain env (NCCL settings on GPU, then spec.env, which wins) followed by the S3 keys from the Secret."""
-    plain = {**(GPU_ENV if spec.gpus_per_node else {}), **spec.env}
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain.items()]
-    if spec.s3_secret:
-        for key, optional in S3_KEYS.items():
-            ref: dict[str, Any] = {"name": spec.s3_secret, "key": key}
-            if optional:
-                ref["optional"] = True
-            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
-    return env
-
-
-def container_resources(spec: TrainingJobSpec) -> dict[str, Any]:
-    """Requests, and limits where set; GPUs as an `nvidia.com/gpu` limit (the request follows it)."""
-    requests = {"cpu": spec.cpu_request, "memory": spec.memory_request}
-    limits: dict[str, Any] = {}
-    if spec.cpu_limit:
-        limits["cpu"] = spec.cpu_limit
-    if spec.memory_limit:
-        limits["memory"] = spec.memory_limit
-    if spec.gpus_per_node:
-        limits["nvidia.com/gpu"] = spec.gpus_per_node
-    return {"requests": requests, "limits": limits} if limits else {"requests": requests}
-
-
-def pod_spec(spec: TrainingJobSpec) -> dict[str, Any]:
-    """One replica's pod: the `pytorch` container, /dev/shm in memory, no API token (training needs none)."""
-    container = {
-        "name": CONTAINER,
-        "image": spec.image,
-        "imagePullPolicy": spec.image_pull_policy,
-        "command": torchrun_command(spec),
-        "args": list(spec.argv),
-        "env": container_env(spec),
-        "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
-        "resources": container_resources(spec),
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-    }
-    pod: dict[str, Any] = {
-        "containers": [container],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],
-        "automountServiceAccountToken": False,
-    }
-    if spec.service_account:
-        pod["serviceAccountName"] = spec.service_account
-    if spec.node_selector:
-        pod["nodeSelector"] = dict(spec.node_selector)
-    if spec.gpus_per_node:  # GPU node pools are commonly tainted so that only GPU pods land there
-        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    return pod
-
-
-def job_labels(spec: TrainingJobSpec) -> dict[str, str]:
-    """Labels on the job and its pods: the app's, then the caller's."""
-    return {"app.kubernetes.io/name": "cafe", "app.kubernetes.io/component": "train", **spec.labels}
-
-
-def replica_spec(spec: TrainingJobSpec, replicas: int) -> dict[str, Any]:
-    """A Master or Worker replica set; failed containers restart in place, counted against backoffLimit."""
-    return {
-        "replicas": replicas,
-        "restartPolicy": "OnFailure",
-        "template": {"metadata": {"labels": job_labels(spec)}, "spec": pod_spec(spec)},
-    }
-
-
-def spec_digest(job: dict[str, Any]) -> str:
-    """A short hash of a job object without its digest annotation."""
-    blob = json.loads(json.dumps(job))
-    blob.get("metadata", {}).get("annotations", {}).pop(SPEC_DIGEST, None)
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def pytorchjob(spec: TrainingJobSpec) -> dict[str, Any]:
-    """The PyTorchJob (kubeflow.org/v1) for a spec: a Master, nodes-1 Workers, torchrun in each."""
-    replicas = {"Master": replica_spec(spec, 1)}
-    if spec.nodes > 1:
-        replicas["Worker"] = replica_spec(spec, spec.nodes - 1)
-    job: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
-        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": job_labels(spec)},
-        "spec": {
-            "nprocPerNode": str(procs_per_node(spec)),
-            "runPolicy": {
-                "activeDeadlineSeconds": spec.active_deadline_seconds,
-                "backoffLimit": spec.backoff_limit,
-                "cleanPodPolicy": "Running",  # stop what still runs at the end; finished pods keep their logs
-            },
-            "pytorchReplicaSpecs": replicas,
-        },
-    }
-    job["metadata"]["annotations"] = {SPEC_DIGEST: spec_digest(job)}
-    return job
-
-
-TEMPLATE_HEADER = """\
-# GENERATED by `python -m cafe_core.launcher example > manifests/base/pytorchjob-template.yaml`
-# from cafe_core.launcher.example_spec(); tests/test_manifests.py fails when it drifts from pytorchjob().
-# An example of what the pipeline's train step creates (2 nodes x 8 GPUs). Not in kustomization.yaml:
-# applying it would start a training job. To run it by hand (namespace cafe; edit metadata.namespace for
-# another): kubectl create -f manifests/base/pytorchjob-template.yaml
-"""
-
-
-def job_yaml(job: dict[str, Any]) -> str:
-    """A job object as the committed template's YAML (header comment, keys in build order)."""
-    return TEMPLATE_HEADER + yaml.safe_dump(job, sort_keys=False, width=120)
 
 
 # --- talking to the cluster --------------------------------------------------------------------------
@@ -409,7 +109,7 @@ def default_api_client() -> kubernetes.client.ApiClient:
 
 
 class JobApi:
-    """The Kubernetes calls launch() makes for one job (see the module docstring), returning plain dicts."""
+    """The Kubernetes calls run_training_job() makes for one job (see the module docstring), returning plain dicts."""
 
     def __init__(self, api: kubernetes.client.ApiClient, namespace: str, name: str):
         self.custom = kubernetes.client.CustomObjectsApi(api)
@@ -456,7 +156,7 @@ class JobApi:
 
 
 def api_error_hint(e: Exception, namespace: str) -> str:
-    """What an API error means for this launcher and what to do about it."""
+    """What an API error means for creating and following a training job, and what to do about it."""
     status = getattr(e, "status", None)
     if status in (401, 403):
         return (f"the Kubernetes API refused the request ({status}): the pipeline's ServiceAccount needs the "
@@ -588,10 +288,10 @@ class MasterLog:
         self.log(f"[{self.api.master_pod}] {message}")
 
 
-# --- launch ------------------------------------------------------------------------------------------
+# --- creating and following the job ------------------------------------------------------------------
 
 
-def submit(api: JobApi, job: dict[str, Any], log: Callable[[str], Any]) -> bool:
+def create_job(api: JobApi, job: dict[str, Any], log: Callable[[str], Any]) -> bool:
     """Create the job; True when created, False when the same job (same spec digest) already exists and will be
     followed. A different job of the same name is an error: it is not ours to follow or delete."""
     try:
@@ -606,7 +306,7 @@ def submit(api: JobApi, job: dict[str, Any], log: Callable[[str], Any]) -> bool:
         raise TrainingJobError(f"could not reach the Kubernetes API to create PyTorchJob {api.name}: {e}") from None
     existing = api.get()
     if existing is None:
-        raise TrainingJobError(f"PyTorchJob {api.namespace}/{api.name} was being deleted while this launch created "
+        raise TrainingJobError(f"PyTorchJob {api.namespace}/{api.name} was being deleted while this step created "
                                "it: run the step again")
     theirs = ((existing.get("metadata") or {}).get("annotations") or {}).get(SPEC_DIGEST)
     if theirs != job["metadata"]["annotations"][SPEC_DIGEST]:
@@ -696,7 +396,7 @@ def follow(api: JobApi, spec: TrainingJobSpec, created: bool, poll_seconds: floa
 def failed_error(api: JobApi, state: JobState, tail: list[str], created: bool) -> TrainingJobFailed:
     """The exception for a Failed job: the operator's reason and message, what to do, the last log lines."""
     lines = "\n".join(f"  {line}" for line in tail[-20:]) or "  (no log lines could be read)"
-    again = "" if created else (f" This job existed before this launch (a retried step follows it): delete it "
+    again = "" if created else (f" This job existed before this step created it (a retried step follows it): delete it "
                                 f"(kubectl delete pytorchjob {api.name} -n {api.namespace}) to train again.")
     text = (f"PyTorchJob {api.namespace}/{api.name} Failed ({state.reason or 'no reason'}): {state.message}. "
             f"What to do: {failure_hint(state)}.{again}\nLast lines of {api.master_pod}:\n{lines}")
@@ -729,8 +429,9 @@ def clean_up(api: JobApi, policy: str, ending: str, log: Callable[[str], Any]) -
 
 @contextmanager
 def sigterm_exits() -> Iterator[None]:
-    """Turn SIGTERM (a cancelled KFP run, a deleted pod) into SystemExit while launch() follows the job, so its
-    cleanup runs instead of leaving the job to hold its GPUs. Only in the main thread (a signal restriction)."""
+    """Turn SIGTERM (a cancelled KFP run, a deleted pod) into SystemExit while run_training_job() follows the
+    job, so its cleanup runs instead of leaving the job to hold its GPUs. Only in the main thread (a signal
+    restriction)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -745,8 +446,9 @@ def sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def launch(spec: TrainingJobSpec, api: kubernetes.client.ApiClient | None = None, poll_seconds: float = 15.0,
-           log: Callable[[str], Any] = print, timeout_margin_seconds: float = 600.0) -> JobOutcome:
+def run_training_job(spec: TrainingJobSpec, api: kubernetes.client.ApiClient | None = None,
+                     poll_seconds: float = 15.0, log: Callable[[str], Any] = print,
+                     timeout_margin_seconds: float = 600.0) -> JobOutcome:
     """Create the PyTorchJob for `spec` (or follow the same job when it already exists), print its state
     changes and the master's log, and return when it Succeeded.
 
@@ -754,11 +456,11 @@ def launch(spec: TrainingJobSpec, api: kubernetes.client.ApiClient | None = None
     log lines), TrainingJobStuck (pods unable to start for pending_timeout_seconds, naming the scheduler's
     message), TrainingJobTimeout (still not finished active_deadline_seconds + timeout_margin_seconds after
     following began) or TrainingJobError (API and permission problems). The job is deleted at the end per
-    spec.cleanup, also when the launcher is interrupted (Ctrl-C, or SIGTERM when called from the main thread).
+    spec.cleanup, also when following is interrupted (Ctrl-C, or SIGTERM when called from the main thread).
     """
     client = JobApi(api or default_api_client(), spec.namespace, spec.name)
     with sigterm_exits():
-        created = submit(client, pytorchjob(spec), log)
+        created = create_job(client, pytorchjob(spec), log)
         ending = "abandoned"
         outcome: JobOutcome | None = None
         try:
@@ -773,16 +475,3 @@ def launch(spec: TrainingJobSpec, api: kubernetes.client.ApiClient | None = None
             if outcome is not None:
                 outcome.deleted = deleted
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m cafe_core.launcher example`: print the example PyTorchJob (the committed template)."""
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["example"]:
-        print("usage: python -m cafe_core.launcher example > manifests/base/pytorchjob-template.yaml", file=sys.stderr)
-        return 2
-    sys.stdout.write(job_yaml(pytorchjob(example_spec())))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

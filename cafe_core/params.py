@@ -1,0 +1,120 @@
+"""What a pipeline run may set: the KFP run parameters, typed once.
+
+The pipelines' signatures take their defaults from here, their config-resolving task rebuilds the model
+from its inputs, `cafe run` and `cafe submit` validate against it, and `resolve_config` turns it into the
+run's configuration (base file + these settings + free-form overrides, in that order).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cafe_core.config import CafeConfig, ConfigError, format_validation_error, load_config
+from cafe_core.layout import RunLayout
+
+BASE_IMAGE = "cafe-base:latest"  # images/base: every pipeline task
+TRAIN_IMAGE = "cafe-train:latest"  # images/train: the training job's pods
+DEFAULT_RATIOS = [0.0, 0.05, 0.1, 0.2, 1.0]  # a_lm / a_con, the paper's Table 7
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field("s3://cafe", description="S3 prefix of the run's artifacts ({root}/runs/{run_id}/)")
+    run_id: str = Field("", description="empty: the KFP run's id")
+    config: str = Field("configs/local.yaml", description="base configuration file (a path in the image)")
+    data_uri: str = Field("", description="LLaVA-OneVision parquet prefix; empty: the synthetic shapes data")
+    model_preset: str = Field("tiny", description="tiny | llava-onevision-qwen2-0.5b-si | ...-7b-si")
+    model_checkpoint: str = Field("", description="a Hugging Face folder (s3:// or path); replaces model_preset")
+    a_con: float = Field(10.0, ge=0, description="weight of the contrastive loss")
+    temperature: float = Field(0.05, gt=0)
+    max_steps: int = Field(400, ge=0, description="optimizer steps; 0: the base file's (train.epochs)")
+    train_mode: Literal["cluster", "local"] = Field(
+        "cluster", description="cluster: a training job of nodes x gpus_per_node; local: torchrun in the step")
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0, description="0: CPU processes (train.nproc_per_node of the config)")
+    namespace: str = Field("kubeflow", description="where the training job is created")
+    base_image: str = BASE_IMAGE
+    train_image: str = TRAIN_IMAGE
+    overrides: list[str] = Field(default_factory=list, description="further key=value config overrides")
+
+
+class RunParams(_Params):
+    """The cafe pipeline's parameters."""
+
+    a_lm: float = Field(1.0, ge=0, description="weight of the next-token loss")
+    gate_rules: str = Field("configs/gate.yaml", description="the gate's rules file (path or s3://)")
+
+
+class AblationParams(_Params):
+    """The cafe-ablation pipeline's parameters: one training per ratio, no gate."""
+
+    ratios: list[float] = Field(default_factory=lambda: list(DEFAULT_RATIOS),
+                                description="a_lm / a_con per variant (0 = contrastive only; 0.1 = 1:10)")
+
+
+PARAMS_OF = {"cafe": RunParams, "cafe-ablation": AblationParams}
+
+
+def parse(kind: type[_Params], values: dict[str, Any]) -> _Params:
+    """Validate parameters; errors name the parameter and, for a typo, the closest one."""
+    try:
+        return kind.model_validate(values)
+    except ValidationError as e:
+        text = format_validation_error(e).replace("invalid configuration", "invalid pipeline parameters")
+        for name in values:
+            if name not in kind.model_fields:
+                close = difflib.get_close_matches(name, list(kind.model_fields), n=1)
+                text += f"\n  ({name!r} is not a parameter{f'; did you mean {close[0]!r}?' if close else ''})"
+        raise ConfigError(text) from None
+
+
+def of_config(cfg: CafeConfig, config: str, kind: type[_Params] = RunParams, **fields: Any) -> _Params:
+    """The parameters that reproduce a configuration resolved here (`cafe run`): `config` is that
+    configuration written to a file, and every parameter equals what the file already says, so the
+    pipeline's config-resolving task gets back exactly `cfg`."""
+    t, m = cfg.train, cfg.model
+    values: dict[str, Any] = dict(root=cfg.root, run_id=cfg.run_id, config=config, model_preset=m.preset or "",
+                                  model_checkpoint=m.checkpoint or "", a_con=t.loss.a_con,
+                                  temperature=t.loss.temperature, max_steps=t.max_steps or 0)
+    if kind is RunParams:
+        values.update(a_lm=t.loss.a_lm, gate_rules=cfg.gate.rules_from or "")
+    return parse(kind, {**values, **fields})
+
+
+def resolve_config(params: _Params, kfp_run_id: str = "", lm_ratio: float | None = None) -> CafeConfig:
+    """The run's configuration: the base file, then the parameters, then `params.overrides`. An ablation
+    variant (lm_ratio set) trains with a_lm = lm_ratio * a_con on the base run's converted pairs."""
+    run_id = params.run_id or kfp_run_id
+    if not run_id:
+        raise ConfigError("run_id is empty and no KFP run id was given: set run_id")
+    args = [f"root={params.root}", f"run_id={run_id}", f"train.loss.a_con={params.a_con}",
+            f"train.loss.temperature={params.temperature}"]
+    if params.max_steps:
+        args.append(f"train.max_steps={params.max_steps}")
+    if isinstance(params, RunParams):
+        args.append(f"train.loss.a_lm={params.a_lm}")
+        if params.gate_rules:
+            args.append(f"gate.rules_from={params.gate_rules}")
+    if params.data_uri:
+        args.append(f"data.sources.0.uri={params.data_uri}")
+    if params.model_checkpoint:
+        args += ["model.preset=null", f"model.checkpoint={params.model_checkpoint}"]
+    elif params.model_preset:
+        args.append(f"model.preset={params.model_preset}")
+    if params.gpus_per_node > 0:  # one process per GPU, bf16; on CPU the base file's process count stays
+        args += [f"train.nproc_per_node={params.gpus_per_node}", "train.precision=bf16"]
+    if lm_ratio is not None:
+        base = RunLayout(params.root, run_id)
+        args += [f"run_id={run_id}-lm{lm_ratio:g}", f"train.loss.a_lm={lm_ratio * params.a_con}",
+                 f"train.data={base.convert}", f"ablation.lm_ratio={lm_ratio}", f"ablation.base_run_id={run_id}"]
+    cfg = load_config(params.config, [*args, *params.overrides])
+    procs = params.nodes * max(params.gpus_per_node, 1) * cfg.train.grad_accum
+    if params.nodes > 1 and cfg.train.global_batch_size % procs:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by {params.nodes} "
+                          f"nodes x {max(params.gpus_per_node, 1)} processes x grad_accum {cfg.train.grad_accum}")
+    return cfg
+

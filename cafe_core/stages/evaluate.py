@@ -1,0 +1,124 @@
+"""Evaluation: embeddings of every evaluation item, the benchmark families, their merged metrics and
+report, and the a_lm:a_con ablation's comparison table."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from cafe_core.config import FAMILIES, CafeConfig
+from cafe_core.layout import METRICS_FILE, RunLayout
+from cafe_core.stages.base import Result, committed, stage
+from cafe_core.storage import Storage
+from cafe_core.uris import join
+
+# The metrics printed in summaries (every metric is in metrics.json and the report).
+HEADLINE_METRICS = ("retrieval/", "mmeb/overall", "mmeb/ind", "mmeb/ood", "pope/average/", "caption/overall/",
+                    "caption/classwise/", "mc/", "gap/centroid_distance")
+# The ablation's families (the generative caption judge and the gap plot add little to the trade-off).
+ABLATION_FAMILIES = ["retrieval", "mmeb", "pope", "mc"]
+# The columns of the ablation table: the retrieval side against the understanding side (Table 7).
+ABLATION_COLUMNS = ("retrieval/*/i2t_R@1", "retrieval/*/t2i_R@1", "mmeb/overall/p@1", "pope/average/f1",
+                    "pope/average/accuracy", "mc/*/accuracy")
+
+
+@stage("export", lambda cfg: cfg.export.output)
+def export(cfg: CafeConfig, store: Storage, progress: bool = False) -> Result:
+    """Embed every evaluation item once with the checkpoint (sharded safetensors + an index). Resumes by shard."""
+    from cafe_core.evaluate.export import export as run
+
+    r = run(cfg, store, progress=progress)
+    reused = f", {r.reused_shards} reused from an interrupted run" if r.reused_shards else ""
+    line = f"export: {r.items} embeddings (dim {r.dim}) in {r.shards} shard(s){reused}: {r.output}"
+    return committed(store, "export", r.output, line, items=r.items, dim=r.dim)
+
+
+@stage("evaluate", lambda cfg: cfg.evaluate.output)
+def evaluate_family(cfg: CafeConfig, store: Storage, family: str, progress: bool = False) -> Result:
+    """Evaluate one benchmark family, committed at {evaluate.output}/<family>/."""
+    from cafe_core.evaluate.run import run_family
+
+    metrics = run_family(cfg, store, family, progress=progress)
+    uri = join(cfg.evaluate.output, family)
+    result = committed(store, "evaluate", uri, f"evaluate: {family}: {len(metrics)} metrics -> {uri}/", family=family)
+    result.metrics = metrics
+    return result
+
+
+@stage("evaluate", lambda cfg: cfg.evaluate.output)
+def merge_evaluation(cfg: CafeConfig, store: Storage, families: list[str] | None = None) -> Result:
+    """Combine the families' outputs into metrics.json (stable names) and report.html. Needs no model."""
+    from cafe_core.evaluate.merge import merge
+    from cafe_core.evaluate.report import metrics_markdown
+
+    record = merge(cfg, store, families)
+    out = cfg.evaluate.output
+    line = (f"{metrics_markdown(record['metrics'], HEADLINE_METRICS)}\n"
+            f"evaluate: {out}/{METRICS_FILE}  {out}/report.html")
+    result = committed(store, "evaluate", out, line, run_id=record["run_id"])
+    result.metrics = dict(record["metrics"])
+    result.documents["report.html"] = store.read_text(join(out, "report.html"))
+    if cfg.ablation is not None:
+        result.meta["lm_ratio"] = cfg.ablation.lm_ratio
+    return result
+
+
+def evaluate(cfg: CafeConfig, store: Storage, families: list[str] | None = None, merge: bool = True,
+             progress: bool = False) -> Result:
+    """Evaluate a checkpoint on every benchmark family (evaluate.families), then merge them into metrics.json
+    and report.html. With merge=False only the families run (one part of a parallel evaluation)."""
+    families = list(families or cfg.evaluate.families)
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        from cafe_core.errors import BadInput
+
+        raise BadInput(f"evaluate: unknown family {', '.join(unknown)}: choose from {', '.join(FAMILIES)}")
+    parts = [evaluate_family(cfg, store, f, progress=progress) for f in families]
+    if not merge:
+        return Result("evaluate", cfg.evaluate.output, "\n".join(p.summary for p in parts),
+                      metrics={k: v for p in parts for k, v in p.metrics.items()},
+                      seconds=sum(p.seconds for p in parts))
+    merged = merge_evaluation(cfg, store, families)
+    merged.summary = "\n".join([*(p.summary for p in parts), merged.summary])
+    merged.seconds += sum(p.seconds for p in parts)
+    return merged
+
+
+def _cells(values: dict[str, Any]) -> list[Any]:
+    numbers = {k: x for k, x in values.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
+    cells = []
+    for pattern in ABLATION_COLUMNS:
+        found = [numbers[k] for k in sorted(numbers)
+                 if fnmatch.fnmatch(k, pattern) and k.count("/") == pattern.count("/")]
+        cells.append(found[0] if found else "n/a")
+    return cells
+
+
+@stage("compare", lambda cfg: RunLayout(cfg.root, cfg.run_id).ablation)
+def compare_ablation(cfg: CafeConfig, store: Storage, variants: list[dict[str, Any]]) -> Result:
+    """Compare the a_lm:a_con variants in one table, as Markdown and HTML at {run}/ablation/. `variants` are the variants'
+    evaluation artifacts' metadata: the logged metrics, and under "cafe_output" the run id and lm_ratio
+    (from each variant's config)."""
+    from cafe_core.commit import OutputWriter
+    from cafe_core.evaluate.report import table
+
+    outputs = [v.get("cafe_output", {}) for v in variants]  # each variant's Result.metadata()
+    rows = sorted(([o.get("lm_ratio", "n/a"), str(o.get("run_id", "?")), *_cells(v)] for v, o in zip(variants, outputs)),
+                  key=lambda r: r[0] if isinstance(r[0], (int, float)) else float("inf"))
+    rows = [[f"{r[0]:g}" if isinstance(r[0], (int, float)) else r[0], *r[1:]] for r in rows]
+    header = ["a_lm:a_con", "run", *ABLATION_COLUMNS]
+    fmt = lambda x: f"{x:.4f}" if isinstance(x, float) else str(x)  # noqa: E731
+    markdown = "\n".join(["# a_lm:a_con ablation (retrieval vs understanding)", "",
+                          "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                          *("| " + " | ".join(fmt(c) for c in r) + " |" for r in rows)]) + "\n"
+    html = ("<!doctype html><html><head><meta charset='utf-8'><title>cafe ablation</title></head><body>"
+            "<h1>a_lm:a_con ablation</h1>" + table(header, rows) + "</body></html>")
+    uri = RunLayout(cfg.root, cfg.run_id).ablation
+    out = OutputWriter(store, uri, kind="ablation")
+    out.put_text("comparison.md", markdown)
+    out.put_text("comparison.html", html)
+    out.put_json("variants.json", variants)
+    out.commit(meta={"variants": len(variants)})
+    result = committed(store, "compare", uri, f"compare: {len(variants)} variants -> {uri}/comparison.md")
+    result.documents = {"comparison.md": markdown, "comparison.html": html}
+    return result
