@@ -21,11 +21,11 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from cafe_core.commit import OutputWriter, manifest_digest
 from cafe_core.config import PROJECT_DIR, CafeConfig, GateRule
+from cafe_core.layout import DECISION_FILE, WHY_FILE
 from cafe_core.records import (
-    DECISION_FILE,
     DECISION_KIND,
-    WHY_FILE,
     Champion,
     ChampionInfo,
     ChampionRef,
@@ -36,7 +36,6 @@ from cafe_core.records import (
     read_metrics,
     registry_root,
 )
-from cafe_core.commit import OutputWriter, manifest_digest
 from cafe_core.storage import Storage, StorageError
 from cafe_core.uris import is_s3
 from cafe_core.version import code_version

@@ -36,10 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cafe_core.commit import MANIFEST, Manifest, ManifestEntry, OutputWriter, read_manifest, verify_output
 from cafe_core.config import CafeConfig
+from cafe_core.errors import StageFailed
+from cafe_core.layout import DECISION_FILE, METRICS_FILE, WHY_FILE
 from cafe_core.records import (
-    DECISION_FILE,
-    METRICS_FILE,
-    WHY_FILE,
     ChampionInfo,
     ChampionUnreadable,
     Decision,
@@ -61,7 +60,7 @@ CLAIM_ATTEMPTS = 100
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(StageFailed, RuntimeError):
     """The registry cannot do what was asked; the message names the record and the fix."""
 
 

@@ -1,14 +1,13 @@
 from kfp import dsl
 
-from cafe_core.params import BASE_IMAGE, RunParams
+from cafe_core.params import BASE_IMAGE
 
-_D = RunParams()
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def resolve_config(kfp_run_id: str, root: str, run_id: str, config: str, data_uri: str, model_preset: str,
                    model_checkpoint: str, a_con: float, temperature: float, max_steps: int, nodes: int,
-                   gpus_per_node: int, overrides: list, a_lm: float = _D.a_lm, gate_rules: str = "",
+                   gpus_per_node: int, overrides: list, a_lm: float = 1.0, gate_rules: str = "",
                    lm_ratio: float = -1.0) -> str:
     """The run's resolved configuration (YAML): the base file, the pipeline's parameters (cafe_core.params),
     the overrides. lm_ratio >= 0: the configuration of that a_lm:a_con ablation variant."""

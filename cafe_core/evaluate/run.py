@@ -25,7 +25,8 @@ from cafe_core.evaluate.generate import generate_answers
 from cafe_core.evaluate.merge import EvaluationError, header, merge, uncommit
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.locate import CheckpointRef, locate
-from cafe_core.records import METRICS_FILE, METRICS_KIND
+from cafe_core.layout import METRICS_FILE
+from cafe_core.records import METRICS_KIND
 from cafe_core.commit import OutputWriter
 from cafe_core.storage import Storage
 from cafe_core.uris import join
