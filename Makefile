@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 ARGS   ?=
 
-.PHONY: run test venv constraints benchmarks clean
+.PHONY: run test test-fast venv constraints benchmarks clean
 
 # The venv is rebuilt when the constraints or the package metadata change.
 $(STAMP): constraints.txt pyproject.toml
@@ -22,8 +22,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
+# The fast tier: every module's unit tests, no end-to-end runs (under 3 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
 benchmarks: $(STAMP)
-	for b in convert train_step retrieval export; do $(PY) benchmarks/$$b.py || exit 1; done
+	for b in convert train_step retrieval export pipeline_overhead; do $(PY) benchmarks/$$b.py || exit 1; done
 
 # Re-resolve exact versions after changing dependencies (then commit constraints.txt).
 constraints:

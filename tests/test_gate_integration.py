@@ -8,20 +8,19 @@ import sys
 
 import pytest
 
+from cafe_core.cli import main
 from cafe_core.storage import Storage
 from tests.test_export_evaluate import write_model
 
-pytestmark = [pytest.mark.s3, pytest.mark.slow]
+# The one test that runs the whole default `make run` (400 training steps, ~4-5 min on an idle 2-core
+# machine): its timeout leaves a wide margin for a loaded one.
+pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
-def cafe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cafe_core.cli", *args, "--config", "configs/local.yaml"],
-                          capture_output=True, text=True, timeout=900)
-
-
-def test_trained_passes_the_shipped_gate_and_untrained_fails(s3_env, bucket):
+def test_trained_passes_the_shipped_gate_and_untrained_fails(s3_env, bucket, capsys):
     root = f"root={bucket}"
-    trained = cafe("run", root, "run_id=trained")  # the default run: 400 steps, all stages
+    trained = subprocess.run([sys.executable, "-m", "cafe_core.cli", "run", "--config", "configs/local.yaml", root,
+                              "run_id=trained"], capture_output=True, text=True, timeout=1700)
     assert trained.returncode == 0, trained.stdout[-4000:] + trained.stderr[-4000:]
     assert "PASS: run trained" in trained.stdout and "registered v1: champion v1" in trained.stdout
     assert "re-embedded 16 items from the promoted files" in trained.stdout
@@ -31,15 +30,18 @@ def test_trained_passes_the_shipped_gate_and_untrained_fails(s3_env, bucket):
     aliases = store.read_json(f"{bucket}/registry/cafe-llava-onevision/aliases.json")
     assert aliases["champion"] == "v1"
 
-    # The same data and sets, the model without training: export, evaluate, gate -> FAIL, promote refused.
+    # The same data and sets, the model without training: export, evaluate, gate -> FAIL, promote refused
+    # (the stages in this process: the pipeline around them is what the run above showed).
     write_model(store, f"{bucket}/runs/untrained/train/final", seed=0)
+    untrained = ["--config", "configs/local.yaml", root, "run_id=untrained"]
+    capsys.readouterr()
     for stage in ("export", "evaluate"):
-        out = cafe(stage, root, "run_id=untrained")
-        assert out.returncode == 0, out.stderr[-3000:]
-    gate = cafe("gate", root, "run_id=untrained")
-    assert gate.returncode == 1 and "FAIL: run untrained" in gate.stdout
-    assert "retrieval/shapes/i2t_R@1" in gate.stdout.split("## Failed checks", 1)[1]  # at chance: below min
-    assert "compared with: champion v1" in gate.stdout
-    refused = cafe("promote", root, "run_id=untrained")
-    assert refused.returncode == 1 and "FAIL decision" in refused.stderr
+        assert main([stage, *untrained]) == 0, capsys.readouterr().err[-3000:]
+    assert main(["gate", *untrained]) == 1
+    gate = capsys.readouterr().out
+    assert "FAIL: run untrained" in gate
+    assert "retrieval/shapes/i2t_R@1" in gate.split("## Failed checks", 1)[1]  # at chance: below min
+    assert "compared with: champion v1" in gate
+    assert main(["promote", *untrained]) == 1
+    assert "FAIL decision" in capsys.readouterr().err
     assert store.read_json(f"{bucket}/registry/cafe-llava-onevision/aliases.json")["champion"] == "v1"

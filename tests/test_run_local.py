@@ -76,10 +76,10 @@ def test_run_end_to_end(root):
     config = store.read_text(f"{run}/convert/config.yaml")
     assert "run_id: it1" in config and "secret" not in config.lower()
 
-    # A second run reuses the committed synthetic data and lists its artifacts.
-    again = cafe("run", "--config", "configs/local.yaml", f"root={root}", "run_id=it2", *SMALL)
+    # The synthetic data is reused by the next run; the run's artifacts can be listed, checked and fetched.
+    again = cafe("data", "synth", "--config", "configs/local.yaml", f"root={root}", "run_id=it2", *SMALL)
     assert again.returncode == 0 and "up to date" in again.stdout
-    listing = cafe("artifacts", "ls", "it2", f"root={root}")
+    listing = cafe("artifacts", "ls", "it1", f"root={root}")
     assert listing.returncode == 0 and "convert/pairs/part-00000.parquet" in listing.stdout
     assert "objects" in listing.stdout.splitlines()[-1]
     verify = cafe("artifacts", "verify", f"{run}/convert", f"root={root}")
@@ -98,19 +98,19 @@ def test_reject_limit_fails_the_run(root):
         read_manifest(Storage(), f"{root}/runs/strict/convert")
 
 
-def test_hard_validation_failure_fails_the_run(root):
-    out = cafe("run", "--config", "configs/local.yaml", f"root={root}", "run_id=v", *SMALL, "validate.min_rows=100000")
-    assert out.returncode == 1 and "hard check" in out.stderr
+def test_hard_validation_failure_and_bad_input_in_process(root, capsys):
+    """The stages in this process (no pipeline around them): a hard check fails validate (exit 1), a typo
+    is refused before any work (exit 2), an uncommitted input is refused (exit 2)."""
+    from cafe_core.cli import main
+
+    common = ["--config", "configs/local.yaml", f"root={root}", "run_id=v", *SMALL]
+    assert main(["data", "synth", *common]) == 0 and main(["convert", *common]) == 0
+    assert main(["validate", *common, "validate.min_rows=100000"]) == 1
+    assert "hard check" in capsys.readouterr().err
     summary = Storage().read_text(f"{root}/runs/v/validate/summary.txt")
     assert "row_count" in summary and "FAIL" in summary
-
-
-def test_bad_config_is_refused_before_any_work(root):
-    out = cafe("convert", "--config", "configs/local.yaml", f"root={root}", "data.caption_rul=first")
-    assert out.returncode == 2 and "did you mean 'caption_rule'" in out.stderr
-    assert Storage().list(root) == []
-
-
-def test_validate_refuses_uncommitted_input(root):
-    out = cafe("validate", "--config", "configs/local.yaml", f"root={root}", "run_id=none")
-    assert out.returncode == 2 and "not a committed output" in out.stderr
+    assert main(["convert", "--config", "configs/local.yaml", f"root={root}", "run_id=w", "data.caption_rul=first"]) == 2
+    assert "did you mean 'caption_rule'" in capsys.readouterr().err
+    assert main(["validate", "--config", "configs/local.yaml", f"root={root}", "run_id=none"]) == 2
+    assert "not a committed output" in capsys.readouterr().err
+    assert not Storage().list(f"{root}/runs/w") and not Storage().list(f"{root}/runs/none")

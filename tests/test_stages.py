@@ -207,3 +207,18 @@ def test_help_comes_from_the_stage_list(capsys):
     for name, fn in stages.STAGES.items():
         if name != "synth":  # under `cafe data`
             assert stages.help_of(fn).split(" (")[0] in text, name
+
+
+def test_tasks_that_need_no_model_import_no_torch():
+    """resolve config, prepare data, convert, merge evaluation, gate and compare run without torch,
+    transformers or deepspeed (each task is its own process; those imports cost seconds)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import components, pipelines.compile, cafe_core.cli, cafe_core.stages, cafe_core.params, "
+            "cafe_core.data.synth, cafe_core.data.convert, cafe_core.evaluate.merge, cafe_core.evaluate.report, "
+            "cafe_core.gate, cafe_core.registry, cafe_core.records, cafe_core.connect; "
+            "print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
