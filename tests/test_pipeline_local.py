@@ -10,11 +10,10 @@ import sys
 
 import pytest
 
+from tests.conftest import SMALL_ABLATION
+
 pytestmark = pytest.mark.slow
 
-SMALL = ["synth.train_size=120", "synth.bad_fraction=0", "synth.retrieval_images=6", "synth.pope_images=2",
-         "synth.mmeb_rows_per_dataset=2", "synth.mc_questions=4", "synth.caption_images=2", "validate.min_rows=50",
-         "train.heldout=null", "train.max_length=256", "train.checkpoint_every=50"]
 
 SCRIPT = """
 import json, sys
@@ -22,14 +21,13 @@ from cafe_core.config import load_config
 from cafe_core.kfp_local import run_pipeline
 from cafe_core.storage import Storage
 root, overrides = sys.argv[1], json.loads(sys.argv[2])
-cfg = load_config("configs/local.yaml", [f"root={root}", "run_id=abl", *overrides])
-print(json.dumps(run_pipeline(cfg, Storage(), "configs/local.yaml", overrides, pipeline="ablation",
-                              ratios=[0.0, 0.1], max_steps=2)))
+cfg = load_config("configs/local.yaml", [f"root={root}", "run_id=abl", "train.max_steps=2", *overrides])
+print(json.dumps(run_pipeline(cfg, Storage(), pipeline="cafe-ablation", ratios=[0.0, 0.1])))
 """
 
 
 def test_ablation_pipeline_runs_locally_and_compares_the_ratios(tmp_path):
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(SMALL)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(SMALL_ABLATION)], capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "Pipeline 'cafe-ablation' finished with status SUCCESS" in out.stdout.replace("\x1b[95m", "").replace("\x1b[0m", "").replace("\x1b[92m", "")

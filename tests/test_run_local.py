@@ -12,14 +12,9 @@ import pytest
 
 from cafe_core.commit import read_manifest, verify_output
 from cafe_core.storage import NotCommittedError, Storage
+from tests.conftest import SMALL_RUN
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
-SMALL = [
-    "synth.train_size=300", "synth.train_shard_rows=120", "synth.retrieval_images=10", "synth.pope_images=5",
-    "synth.mmeb_rows_per_dataset=4", "synth.mc_questions=8", "synth.caption_images=5", "synth.bad_fraction=0.03",
-    "validate.min_rows=100", "train.max_steps=3", "train.heldout_size=16", "train.eval_every=3",
-    "train.checkpoint_every=2", "train.max_length=256",
-]
 
 
 def cafe(*args: str) -> subprocess.CompletedProcess:
@@ -34,14 +29,16 @@ def root(s3_env, bucket):
 
 
 def test_run_end_to_end(root):
-    out = cafe("run", "--config", "configs/local.yaml", f"root={root}", "run_id=it1", *SMALL)
+    # A bound no model meets (on top of the shipped rules): the gate's FAIL branch, whatever 3 steps learn.
+    never = 'gate.rules=[{metric: "retrieval/*/i2t_R@1", min: 1.5}]'
+    out = cafe("run", "--config", "configs/local.yaml", f"root={root}", "run_id=it1", *SMALL_RUN, never)
     assert out.returncode == 0, out.stdout + out.stderr
     run = f"{root}/runs/it1"
     for where in (f"{root}/datasets/shapes-v1", f"{run}/convert/", f"{run}/validate/summary.txt",
                   f"{run}/validate/data_docs/index.html", f"{run}/train/final/model/", f"{run}/train/checkpoints/"):
         assert where in out.stdout, where
     assert "train: 2 processes under torchrun" in out.stdout
-    # 3 training steps cannot pass the shipped gate: the decision is written, promotion is skipped.
+    # The decision is written, promotion is skipped.
     assert "FAIL: run it1" in out.stdout and "promote: skipped (the gate did not pass)" in out.stdout
     log = re.sub(r"\x1b\[[0-9;]*m", "", open(".cafe/logs/run-it1.log").read())  # kfp.local's own record
     assert "Task 'gate' finished with status SUCCESS" in log and "Executing task 'promote'" not in log
@@ -77,7 +74,7 @@ def test_run_end_to_end(root):
     assert "run_id: it1" in config and "secret" not in config.lower()
 
     # The synthetic data is reused by the next run; the run's artifacts can be listed, checked and fetched.
-    again = cafe("data", "synth", "--config", "configs/local.yaml", f"root={root}", "run_id=it2", *SMALL)
+    again = cafe("data", "synth", "--config", "configs/local.yaml", f"root={root}", "run_id=it2", *SMALL_RUN)
     assert again.returncode == 0 and "up to date" in again.stdout
     listing = cafe("artifacts", "ls", "it1", f"root={root}")
     assert listing.returncode == 0 and "convert/pairs/part-00000.parquet" in listing.stdout
@@ -91,7 +88,7 @@ def test_run_end_to_end(root):
 
 
 def test_reject_limit_fails_the_run(root):
-    out = cafe("run", "--config", "configs/local.yaml", f"root={root}", "run_id=strict", *SMALL, "data.max_reject_rate=0.001")
+    out = cafe("run", "--config", "configs/local.yaml", f"root={root}", "run_id=strict", *SMALL_RUN, "data.max_reject_rate=0.001")
     assert out.returncode == 1
     assert "reject rate" in out.stderr and "data.max_reject_rate=0.10%" in out.stderr
     with pytest.raises(NotCommittedError):
@@ -103,7 +100,7 @@ def test_hard_validation_failure_and_bad_input_in_process(root, capsys):
     is refused before any work (exit 2), an uncommitted input is refused (exit 2)."""
     from cafe_core.cli import main
 
-    common = ["--config", "configs/local.yaml", f"root={root}", "run_id=v", *SMALL]
+    common = ["--config", "configs/local.yaml", f"root={root}", "run_id=v", *SMALL_RUN]
     assert main(["data", "synth", *common]) == 0 and main(["convert", *common]) == 0
     assert main(["validate", *common, "validate.min_rows=100000"]) == 1
     assert "hard check" in capsys.readouterr().err

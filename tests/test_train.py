@@ -251,7 +251,7 @@ def _kill_after_checkpoint(argv: list[str], step: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("zero_stage", [3])  # partitioned state; ZeRO-2 resume: test_golden_six_steps_and_resume
 def test_killed_run_resumes_to_the_same_losses(train_data, zero_stage):
     common = ["train.nproc_per_node=2", f"train.zero_stage={zero_stage}", "train.heldout=null"]
     straight_out, killed_out = train_data / f"straight{zero_stage}", train_data / f"killed{zero_stage}"
