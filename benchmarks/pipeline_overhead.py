@@ -66,7 +66,7 @@ def main() -> None:
     stages.data.synth(direct_cfg, Storage())  # shared data, outside both timings
     direct = in_process(direct_cfg)
     pipe_cfg = load_config("configs/local.yaml", [*overrides, "run_id=pipeline"])
-    timing = run_pipeline(pipe_cfg, Storage())
+    timing = run_pipeline(pipe_cfg, Storage(), "configs/local.yaml", [*overrides, "run_id=pipeline"])
     light, heavy = import_seconds(LIGHT_TASK), import_seconds(f"{LIGHT_TASK}; {MODEL_STACK}")
     overhead = timing["wall"] - direct
     print(f"\n{args.max_steps} training steps, local storage ({root})")

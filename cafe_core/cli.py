@@ -74,10 +74,10 @@ def stage_command(name: str, fn: Callable[..., Result]) -> Callable[[Any], None]
 def cmd_run(args) -> None:
     """The main job: the whole KFP pipeline locally through kfp.local, then the metrics, the decision and
     where everything went."""
+    from cafe_core.evaluate.report import metrics_markdown
     from cafe_core.kfp_local import failure_reason, run_pipeline, where_everything_went
     from cafe_core.records import read_decision
     from cafe_core.stages.evaluate import HEADLINE_METRICS
-    from cafe_core.evaluate.report import metrics_markdown
 
     cfg = _config(args)
     with connect(cfg.s3, cfg.uris()) as store:
@@ -85,7 +85,7 @@ def cmd_run(args) -> None:
         if store.endpoint_url:
             print(f"S3 endpoint: {store.endpoint_url}")
         try:
-            timing = run_pipeline(cfg, store)
+            timing = run_pipeline(cfg, store, args.config, args.overrides)
         except RuntimeError as e:
             log = f".cafe/logs/run-{cfg.run_id}.log"
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))

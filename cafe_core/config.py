@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cafe_core.errors import BadInput
 from cafe_core.layout import TEMPLATE
-
+from cafe_core.prompts import IM_END, IMAGE_PROMPT, IMAGE_TOKEN, SYSTEM, TEXT_PROMPT
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # where configs/ ships
 
@@ -207,20 +207,20 @@ class PromptConfig(Strict):
     """Embedding instructions. Defaults are the reference strings (SPEC section 1), so a released
     checkpoint reproduces its numbers. `{text}` is replaced by the caption / query text."""
 
-    system: str = "You are a helpful assistant."
-    image: str = "<image>\nCompress this image in one word:"
-    text: str = "{text}Compress this sentence in one word:"
+    system: str = SYSTEM
+    image: str = f"{IMAGE_TOKEN}\n{IMAGE_PROMPT}"
+    text: str = "{text}" + TEXT_PROMPT
     interleaved: str = "{text}"  # MMEB-style query/target: the user text itself, with <image> where it has one
     # The query side of a pair in interleaved mode (train.loss.mode=interleaved); the caption is the target.
-    pair_query: str = "<image>\nRepresent the given image."
+    pair_query: str = f"{IMAGE_TOKEN}\nRepresent the given image."
     # Appended after the generation prompt "<|im_start|>assistant\n"; the reference ends with <|im_end|>.
-    assistant_suffix: str = "<|im_end|>"
+    assistant_suffix: str = IM_END
 
     @model_validator(mode="after")
     def _placeholders(self) -> "PromptConfig":
         for name in ("image", "pair_query"):
-            if "<image>" not in getattr(self, name):
-                raise ValueError(f"prompts.{name} must contain <image>")
+            if IMAGE_TOKEN not in getattr(self, name):
+                raise ValueError(f"prompts.{name} must contain {IMAGE_TOKEN}")
         for name in ("text", "interleaved"):
             if "{text}" not in getattr(self, name):
                 raise ValueError(f"prompts.{name} must contain {{text}}")

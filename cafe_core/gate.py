@@ -14,9 +14,8 @@ from __future__ import annotations
 import datetime as _dt
 import fnmatch
 import math
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError

@@ -25,7 +25,6 @@ from cafe_core.train.torchrun import child_env
 
 KFP_ROOT = Path(".cafe/kfp-local")
 LOG_DIR = Path(".cafe/logs")
-CONFIG_DIR = Path(".cafe/runs")  # each local run's resolved configuration, the pipeline's `config`
 # Lines worth showing live: kfp.local's task status, and the stages' own summary lines.
 SHOWN = re.compile(r"(Executing task|finished with status|Pipeline .* finished|"
                    r"^\s*((synth|convert|validate|train|export|evaluate|gate|promote|rollback): \S|step \d+:|FAILED|error:|Traceback))")
@@ -52,21 +51,20 @@ class _Filter:
         self.log.flush()
 
 
-def run_pipeline(cfg: CafeConfig, store: Storage, pipeline: str = "cafe", **params: Any) -> dict[str, Any]:
-    """Run a pipeline ("cafe" or "cafe-ablation") locally for the configuration `cfg`, resolved here once:
-    it is written to `.cafe/runs/<run_id>/config.yaml` and the pipeline's parameters are the ones that
-    reproduce it (cafe_core.params.of_config), plus `params` (e.g. ratios for the ablation). Returns the
-    seconds of the run and of its steps, and the log's path."""
+def run_pipeline(cfg: CafeConfig, store: Storage, config_path: str | None, overrides: list[str],
+                 pipeline: str = "cafe", **params: Any) -> dict[str, Any]:
+    """Run a pipeline ("cafe" or "cafe-ablation") locally for `cfg`, the configuration resolved here from
+    `config_path` and `overrides`: the pipeline's parameters are the ones that reproduce it
+    (cafe_core.params.of_config), plus `params` (e.g. ratios for the ablation). Returns the seconds of the
+    run and of its steps, and the log's path."""
     from kfp import local
 
-    from cafe_core.params import PARAMS_OF, of_config
+    from cafe_core.params import PARAMS_OF, RunParams, of_config
     from pipelines.ablation import ablation_pipeline
     from pipelines.cafe import cafe_pipeline
 
-    resolved = CONFIG_DIR / cfg.run_id / "config.yaml"
-    resolved.parent.mkdir(parents=True, exist_ok=True)
-    resolved.write_text(cfg.to_yaml())
-    arguments = of_config(cfg, str(resolved.resolve()), PARAMS_OF[pipeline], train_mode="local", **params)
+    arguments = of_config(cfg, config_path or RunParams().config, list(overrides), PARAMS_OF[pipeline],
+                          train_mode="local", **params)
     os.environ.update(child_env(store))  # the tasks' S3 endpoint and placeholder keys, when embedded
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     KFP_ROOT.mkdir(parents=True, exist_ok=True)
@@ -98,7 +96,6 @@ def where_everything_went(cfg: CafeConfig) -> list[str]:
         f"  gate decision      {cfg.gate.output}/{DECISION_FILE}  {cfg.gate.output}/{WHY_FILE}",
         f"  registry           {cfg.registry.uri}/{cfg.registry.model_name}/aliases.json",
         f"  KFP artifacts      {KFP_ROOT}/  (kfp.local's pipeline root)",
-        f"  resolved config    {CONFIG_DIR / cfg.run_id / 'config.yaml'}",
     ]
 
 

@@ -72,26 +72,27 @@ def parse(kind: type[_Params], values: dict[str, Any]) -> _Params:
         raise ConfigError(text) from None
 
 
-def of_config(cfg: CafeConfig, config: str, kind: type[_Params] = RunParams, **fields: Any) -> _Params:
-    """The parameters that reproduce a configuration resolved here (`cafe run`): `config` is that
-    configuration written to a file, and every parameter equals what the file already says, so the
-    pipeline's config-resolving task gets back exactly `cfg`."""
+def of_config(cfg: CafeConfig, config: str, overrides: list[str], kind: type[_Params] = RunParams,
+              **fields: Any) -> _Params:
+    """The parameters that reproduce a configuration resolved here from `config` and `overrides` (`cafe
+    run`): every parameter is what `cfg` already says, so the pipeline's config-resolving task gets back
+    `cfg` itself, with its run id (also where an override said run_id=auto)."""
     t, m = cfg.train, cfg.model
     values: dict[str, Any] = dict(root=cfg.root, run_id=cfg.run_id, config=config, model_preset=m.preset or "",
                                   model_checkpoint=m.checkpoint or "", a_con=t.loss.a_con,
-                                  temperature=t.loss.temperature, max_steps=t.max_steps or 0)
+                                  temperature=t.loss.temperature, max_steps=t.max_steps or 0, overrides=overrides)
     if kind is RunParams:
         values.update(a_lm=t.loss.a_lm, gate_rules=cfg.gate.rules_from or "")
     return parse(kind, {**values, **fields})
 
 
 def resolve_config(params: _Params, kfp_run_id: str = "", lm_ratio: float | None = None) -> CafeConfig:
-    """The run's configuration: the base file, then the parameters, then `params.overrides`. An ablation
-    variant (lm_ratio set) trains with a_lm = lm_ratio * a_con on the base run's converted pairs."""
-    run_id = params.run_id or kfp_run_id
-    if not run_id:
+    """The run's configuration: the base file, then the parameters, then `params.overrides`; a run_id
+    parameter wins over the overrides, the KFP run's id does not. An ablation variant (lm_ratio set) runs
+    as `<run id>-lm<ratio>` with a_lm = lm_ratio * a_con, on the base run's converted pairs."""
+    if not (params.run_id or kfp_run_id):
         raise ConfigError("run_id is empty and no KFP run id was given: set run_id")
-    args = [f"root={params.root}", f"run_id={run_id}", f"train.loss.a_con={params.a_con}",
+    args = [f"root={params.root}", f"run_id={params.run_id or kfp_run_id}", f"train.loss.a_con={params.a_con}",
             f"train.loss.temperature={params.temperature}"]
     if params.max_steps:
         args.append(f"train.max_steps={params.max_steps}")
@@ -107,14 +108,17 @@ def resolve_config(params: _Params, kfp_run_id: str = "", lm_ratio: float | None
         args.append(f"model.preset={params.model_preset}")
     if params.gpus_per_node > 0:  # one process per GPU, bf16; on CPU the base file's process count stays
         args += [f"train.nproc_per_node={params.gpus_per_node}", "train.precision=bf16"]
+    args += params.overrides
+    if params.run_id:
+        args.append(f"run_id={params.run_id}")
+    cfg = load_config(params.config, args)
     if lm_ratio is not None:
-        base = RunLayout(params.root, run_id)
-        args += [f"run_id={run_id}-lm{lm_ratio:g}", f"train.loss.a_lm={lm_ratio * params.a_con}",
-                 f"train.data={base.convert}", f"ablation.lm_ratio={lm_ratio}", f"ablation.base_run_id={run_id}"]
-    cfg = load_config(params.config, [*args, *params.overrides])
+        base = RunLayout(cfg.root, cfg.run_id)
+        cfg = load_config(params.config, [
+            *args, f"run_id={base.run_id}-lm{lm_ratio:g}", f"train.loss.a_lm={lm_ratio * cfg.train.loss.a_con}",
+            f"train.data={base.convert}", f"ablation.lm_ratio={lm_ratio}", f"ablation.base_run_id={base.run_id}"])
     procs = params.nodes * max(params.gpus_per_node, 1) * cfg.train.grad_accum
     if params.nodes > 1 and cfg.train.global_batch_size % procs:
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by {params.nodes} "
                           f"nodes x {max(params.gpus_per_node, 1)} processes x grad_accum {cfg.train.grad_accum}")
     return cfg
-

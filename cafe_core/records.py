@@ -14,9 +14,9 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
+from cafe_core.commit import read_manifest, verify_output
 from cafe_core.config import CafeConfig, GateRule
 from cafe_core.layout import METRICS_FILE
-from cafe_core.commit import read_manifest, verify_output
 from cafe_core.storage import Storage, StorageError
 from cafe_core.uris import join, sha256_bytes
 

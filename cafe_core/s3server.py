@@ -24,8 +24,10 @@ import sysconfig
 import time
 import urllib.request
 from pathlib import Path
+
 import boto3
 from botocore.config import Config as BotoConfig
+
 from cafe_core.errors import BadInput
 from cafe_core.ports import free_port
 

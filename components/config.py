@@ -3,7 +3,6 @@ from kfp import dsl
 from cafe_core.params import BASE_IMAGE
 
 
-
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def resolve_config(kfp_run_id: str, root: str, run_id: str, config: str, data_uri: str, model_preset: str,
                    model_checkpoint: str, a_con: float, temperature: float, max_steps: int, nodes: int,
@@ -15,7 +14,8 @@ def resolve_config(kfp_run_id: str, root: str, run_id: str, config: str, data_ur
 
     from cafe_core.config import ConfigError
     from cafe_core.errors import exit_line
-    from cafe_core.params import RunParams, resolve_config as resolve
+    from cafe_core.params import RunParams
+    from cafe_core.params import resolve_config as resolve
 
     given = {k: v for k, v in locals().items() if k in RunParams.model_fields}
     try:

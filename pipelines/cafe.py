@@ -5,8 +5,18 @@ from kfp import dsl
 
 from cafe_core.config import FAMILIES
 from cafe_core.params import RunParams
-from components import (convert, evaluate, export, gate, merge_evaluation, prepare_data, promote, resolve_config,
-                        train, validate)
+from components import (
+    convert,
+    evaluate,
+    export,
+    gate,
+    merge_evaluation,
+    prepare_data,
+    promote,
+    resolve_config,
+    train,
+    validate,
+)
 from pipelines.common import S3_SECRET, config_inputs, prepare
 
 P = RunParams()

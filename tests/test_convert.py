@@ -12,11 +12,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from cafe_core.commit import read_manifest, verify_output
 from cafe_core.config import DataConfig
 from cafe_core.data import records as R
 from cafe_core.data.convert import PAIR_SCHEMA, ConvertError, RejectLimitExceeded, convert
 from cafe_core.data.sources import SourceError, parse_strategy
-from cafe_core.commit import read_manifest, verify_output
 from cafe_core.storage import NotCommittedError, Storage
 from tests.conftest import png_bytes
 

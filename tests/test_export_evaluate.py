@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cafe_core.commit import OutputWriter, read_manifest, verify_output
 from cafe_core.config import ModelConfig, load_config
 from cafe_core.data.synth import generate
 from cafe_core.evaluate.export import Embeddings, ExportError, export
 from cafe_core.evaluate.run import EvaluationError, evaluate
 from cafe_core.model.build import build, save
-from cafe_core.commit import OutputWriter, read_manifest, verify_output
 from cafe_core.storage import Storage
 
 pytestmark = pytest.mark.slow

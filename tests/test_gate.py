@@ -8,13 +8,12 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 
+from cafe_core.commit import MANIFEST, OutputWriter, manifest_digest, read_manifest
 from cafe_core.config import CafeConfig, GateConfig, GateRule, load_config
 from cafe_core.gate import decide, evaluate_rules, load_rules, write_decision
 from cafe_core.records import ChampionInfo, ChampionUnreadable, Decision, read_decision
 from cafe_core.registry import champion_metrics
-from cafe_core.commit import MANIFEST, OutputWriter, manifest_digest, read_manifest
 from cafe_core.storage import NotCommittedError, Storage
 from cafe_core.uris import join
 

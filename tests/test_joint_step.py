@@ -3,7 +3,6 @@ same loss and gradients whether the batch is on one rank or split over two."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -14,9 +13,10 @@ from cafe_core.config import ModelConfig, PromptConfig
 from cafe_core.data.shapes import detailed_caption, png_bytes, render, sample_scene
 from cafe_core.loss import IGNORE_INDEX, JointLoss
 from cafe_core.model.build import build
-from cafe_core.model.inputs import IMAGE_TOKEN, InputBuilder, InputError, Segment
+from cafe_core.model.inputs import InputBuilder, InputError, Segment
 from cafe_core.model.joint import CafeModel
 from cafe_core.ports import free_port
+from cafe_core.prompts import IMAGE_TOKEN
 
 PROMPTS = PromptConfig()
 

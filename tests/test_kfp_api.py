@@ -5,8 +5,8 @@ No `from __future__ import annotations` here: kfp reads the toy component's anno
 """
 
 import email.parser
-import hashlib
 import email.policy
+import hashlib
 import json
 import socket
 import threading
@@ -16,8 +16,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from cafe_core.kfp_api import (ScheduleResult, SubmitError, SubmitResult, parse_params, pipeline_parameters,
-                               schedule, submit, validate_cron)
+from cafe_core.kfp_api import (
+    ScheduleResult,
+    SubmitError,
+    SubmitResult,
+    parse_params,
+    pipeline_parameters,
+    schedule,
+    submit,
+    validate_cron,
+)
 
 # --- cron ------------------------------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from cafe_core.model.build import (
     processor_for,
     save,
 )
-from cafe_core.model.tokenizer import IMAGE_PROMPT, SPECIAL_TOKENS, TEXT_PROMPT, build_tokenizer
+from cafe_core.model.tokenizer import SPECIAL_TOKENS, build_tokenizer
+from cafe_core.prompts import IMAGE_PROMPT, TEXT_PROMPT
 from cafe_core.storage import Storage
 from cafe_core.uris import safe_name
 

@@ -21,8 +21,9 @@ from cafe_core.config import load_config
 from cafe_core.kfp_local import run_pipeline
 from cafe_core.storage import Storage
 root, overrides = sys.argv[1], json.loads(sys.argv[2])
-cfg = load_config("configs/local.yaml", [f"root={root}", "run_id=abl", "train.max_steps=2", *overrides])
-print(json.dumps(run_pipeline(cfg, Storage(), pipeline="cafe-ablation", ratios=[0.0, 0.1])))
+overrides = [f"root={root}", "run_id=abl", "train.max_steps=2", *overrides]
+cfg = load_config("configs/local.yaml", overrides)
+print(json.dumps(run_pipeline(cfg, Storage(), "configs/local.yaml", overrides, "cafe-ablation", ratios=[0.0, 0.1])))
 """
 
 

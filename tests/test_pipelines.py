@@ -110,12 +110,14 @@ def test_parameters_reproduce_a_locally_resolved_config(tmp_path):
     from cafe_core.config import load_config
     from cafe_core.params import of_config
 
-    cfg = load_config("configs/local.yaml", [f"root={tmp_path}", "run_id=auto", "train.max_steps=7",
-                                             "train.loss.a_lm=0.25"])
-    path = tmp_path / "config.yaml"
-    path.write_text(cfg.to_yaml())
-    again = resolve_config(of_config(cfg, str(path), train_mode="local"))
-    assert again == cfg and again.digest() == cfg.digest()
+    overrides = [f"root={tmp_path}", "run_id=auto", "train.max_steps=7", "train.loss.a_lm=0.25",
+                 "model.preset=null", f"model.checkpoint={tmp_path}/hf"]
+    cfg = load_config("configs/local.yaml", overrides)
+    again = resolve_config(of_config(cfg, "configs/local.yaml", overrides, train_mode="local"))
+    assert again == cfg and again.digest() == cfg.digest()  # the same run id, though the override says auto
+    variant = resolve_config(of_config(cfg, "configs/local.yaml", overrides, AblationParams), lm_ratio=0.5)
+    assert variant.run_id == f"{cfg.run_id}-lm0.5" and variant.train.output == f"{tmp_path}/runs/{variant.run_id}/train"
+    assert variant.train.data == cfg.data.output and variant.train.loss.a_lm == 5.0
 
 
 def test_typed_parameters_reject_what_the_pipeline_cannot_take():

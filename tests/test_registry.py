@@ -8,7 +8,9 @@ import threading
 
 import pytest
 
+from cafe_core.commit import MANIFEST, manifest_digest, read_manifest, verify_output
 from cafe_core.gate import decide
+from cafe_core.records import ChampionUnreadable
 from cafe_core.registry import (
     Aliases,
     PromoteError,
@@ -23,8 +25,6 @@ from cafe_core.registry import (
     rollback,
     version_prefix,
 )
-from cafe_core.records import ChampionUnreadable
-from cafe_core.commit import MANIFEST, manifest_digest, read_manifest, verify_output
 from cafe_core.storage import PreconditionFailed, Storage
 from cafe_core.uris import join
 from tests.test_gate import GOOD, gate_run, make_candidate, make_model

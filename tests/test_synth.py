@@ -14,14 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pydantic import ValidationError
 import yaml
 from PIL import Image
+from pydantic import ValidationError
 
+from cafe_core.commit import Manifest, read_manifest, verify_output
 from cafe_core.config import SynthConfig
 from cafe_core.data import shapes as W
 from cafe_core.data.synth import BAD_KINDS, MMEB_DATASETS, generate, is_current, vocabulary
-from cafe_core.commit import Manifest, read_manifest, verify_output
 from cafe_core.storage import Storage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

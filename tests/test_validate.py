@@ -15,7 +15,9 @@ from great_expectations.core.expectation_validation_result import ExpectationVal
 from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 from PIL import Image
 
+from cafe_core.commit import OutputWriter, read_manifest
 from cafe_core.config import Bounds, ValidateConfig
+from cafe_core.data.convert import PAIR_SCHEMA
 from cafe_core.data.validate import (
     CHECKS,
     CheckResult,
@@ -25,8 +27,6 @@ from cafe_core.data.validate import (
     image_decodes,
     validate_dataset,
 )
-from cafe_core.data.convert import PAIR_SCHEMA
-from cafe_core.commit import OutputWriter, read_manifest
 from cafe_core.storage import NotCommittedError, Storage
 
 CONFIG_YAML = "validate:\n  min_rows: 1\n"

@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from cafe_core.commit import Manifest, OutputWriter
 from cafe_core.config import DataConfig
 from cafe_core.data import records as R
 from cafe_core.data.sources import FileProblem, read_source
 from cafe_core.errors import StageFailed
-from cafe_core.commit import Manifest, OutputWriter
 from cafe_core.storage import Storage, StorageError
 
 PAIR_SCHEMA = pa.schema(

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from cafe_core.commit import Manifest, OutputWriter, read_manifest, verify_output
 from cafe_core.config import SynthConfig
 from cafe_core.data.shapes import (
     CLASS_INDEX,
@@ -43,7 +44,7 @@ from cafe_core.data.shapes import (
     short_captions,
     unique_shape_objects,
 )
-from cafe_core.commit import Manifest, OutputWriter, read_manifest, verify_output
+from cafe_core.prompts import MMEB_IMAGE_TOKEN
 from cafe_core.storage import Storage, StorageError
 
 # Bump when the generator's output changes for the same config, so `is_current` regenerates.
@@ -53,7 +54,6 @@ TRAIN_PROMPT = "<image>\nDescribe the image in detail."
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 # LLaVA-style short-answer instruction: the training data asks presence questions the way POPE is asked.
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
-IMAGE_TOKEN = "<|image_1|>"
 
 # Deliberately broken training rows, cycled in this order. Names follow the converter's reject reasons
 # where one exists; a content duplicate is deduplicated rather than rejected.
@@ -455,7 +455,7 @@ def _text_target_row(
 ) -> None:
     """A row with an image query (instruction + optional question) and text candidates."""
     path = data.add_image(f"images/{name}/q_{i:05d}.png", _png_of(scene, size))
-    text = f"{IMAGE_TOKEN}\n{inst}: {question}" if question else f"{IMAGE_TOKEN}\n{inst}"
+    text = f"{MMEB_IMAGE_TOKEN}\n{inst}: {question}" if question else f"{MMEB_IMAGE_TOKEN}\n{inst}"
     data.rows.append(_mmeb_row(inst, text, path, "", candidates, [""] * len(candidates)))
     data.annotations.append({"index": i, "objects": scene.classes()})
 
@@ -522,7 +522,7 @@ def _t2i(name: str, rng: np.random.Generator, cfg: SynthConfig) -> MmebData:
         ids = _retrieval_candidates(rng, i, pool, cfg.mmeb_candidates)
         paths = [data.add_image(f"images/{name}/img_{j:05d}.png", _png_of(pool[j], cfg.image_size)) for j in ids]
         data.rows.append(_mmeb_row(inst, f"{inst}: {caption}", "", tgt_inst,
-                                   [f"{IMAGE_TOKEN}\n{tgt_inst}."] * len(ids), paths))
+                                   [f"{MMEB_IMAGE_TOKEN}\n{tgt_inst}."] * len(ids), paths))
         data.annotations.append({"index": i, "objects": pool[i].classes(),
                                  "candidate_objects": [pool[j].classes() for j in ids]})
     return data
@@ -536,7 +536,7 @@ def _i2t(name: str, rng: np.random.Generator, cfg: SynthConfig) -> MmebData:
     for i in range(cfg.mmeb_rows_per_dataset):
         ids = _retrieval_candidates(rng, i, pool, cfg.mmeb_candidates)
         path = data.add_image(f"images/{name}/q_{i:05d}.png", _png_of(pool[i], cfg.image_size))
-        data.rows.append(_mmeb_row(inst, f"{IMAGE_TOKEN}\n{inst}.", path, "", [captions[j] for j in ids],
+        data.rows.append(_mmeb_row(inst, f"{MMEB_IMAGE_TOKEN}\n{inst}.", path, "", [captions[j] for j in ids],
                                    [""] * len(ids)))
         data.annotations.append({"index": i, "objects": pool[i].classes(),
                                  "candidate_objects": [pool[j].classes() for j in ids]})
@@ -565,8 +565,8 @@ def _grounding(name: str, rng: np.random.Generator, cfg: SynthConfig) -> MmebDat
             for j, o in crops
         ]
         query = data.add_image(f"images/{name}/q_{i:05d}.png", lambda i=i: png_bytes(rendered[i]))
-        data.rows.append(_mmeb_row(inst, f"{IMAGE_TOKEN}\nSelect the portion of the image that isolates the {target}.",
-                                   query, tgt_inst, [f"{IMAGE_TOKEN}\n{tgt_inst}."] * len(crops), paths))
+        data.rows.append(_mmeb_row(inst, f"{MMEB_IMAGE_TOKEN}\nSelect the portion of the image that isolates the {target}.",
+                                   query, tgt_inst, [f"{MMEB_IMAGE_TOKEN}\n{tgt_inst}."] * len(crops), paths))
         data.annotations.append({"index": i, "objects": scene.classes(), "target": target,
                                  "candidate_objects": [[pool[j].objects[o].name] for j, o in crops]})
     return data

@@ -42,8 +42,8 @@ from great_expectations.expectations.metadata_types import FailureSeverity  # no
 from PIL import Image  # noqa: E402
 from pydantic import BaseModel, computed_field  # noqa: E402
 
-from cafe_core.config import CHECKS, Bounds, Severity, ValidateConfig  # noqa: E402
 from cafe_core.commit import OutputWriter, read_manifest  # noqa: E402
+from cafe_core.config import CHECKS, Bounds, Severity, ValidateConfig  # noqa: E402
 from cafe_core.storage import Storage, StorageError  # noqa: E402
 from cafe_core.uris import join  # noqa: E402
 

@@ -26,6 +26,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
+from cafe_core.commit import ManifestEntry, OutputWriter, read_manifest
 from cafe_core.config import CafeConfig, EvalSetsConfig, PromptConfig
 from cafe_core.errors import BadInput
 from cafe_core.evaluate import sets as eval_sets
@@ -33,7 +34,6 @@ from cafe_core.model.build import build
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.joint import CafeModel
 from cafe_core.model.locate import CheckpointRef, locate, model_config_for, verified_copy
-from cafe_core.commit import ManifestEntry, OutputWriter, read_manifest
 from cafe_core.storage import Storage
 from cafe_core.uris import join, sha256_bytes
 

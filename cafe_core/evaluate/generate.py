@@ -12,7 +12,8 @@ from typing import Iterable, Sequence
 import torch
 from tqdm import tqdm
 
-from cafe_core.model.inputs import IM_END, IM_START, IMAGE_TOKEN, InputBuilder, Segment, TokenSeq, turn
+from cafe_core.model.inputs import InputBuilder, Segment, TokenSeq, turn
+from cafe_core.prompts import IM_END, IM_START, IMAGE_TOKEN
 
 
 def chat_prompt(system: str, question: str) -> str:

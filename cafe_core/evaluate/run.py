@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from cafe_core.commit import OutputWriter
 from cafe_core.config import CafeConfig
 from cafe_core.evaluate import caption as caption_metrics
 from cafe_core.evaluate import choice, gap, mmeb, pope, retrieval
@@ -23,14 +24,12 @@ from cafe_core.evaluate import sets as eval_sets
 from cafe_core.evaluate.export import Embeddings, load_for_inference
 from cafe_core.evaluate.generate import generate_answers
 from cafe_core.evaluate.merge import EvaluationError, header, merge, uncommit
+from cafe_core.layout import METRICS_FILE
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.locate import CheckpointRef, locate
-from cafe_core.layout import METRICS_FILE
-from cafe_core.records import METRICS_KIND
-from cafe_core.commit import OutputWriter
 from cafe_core.storage import Storage
-from cafe_core.uris import join
 from cafe_core.train.checkpoint import json_lines
+from cafe_core.uris import join
 
 
 @dataclass

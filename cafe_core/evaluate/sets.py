@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from cafe_core.errors import BadInput
+from cafe_core.prompts import IMAGE_TOKEN
 from cafe_core.storage import Storage, StorageError
 from cafe_core.uris import is_s3, join
 
@@ -41,7 +42,6 @@ MMEB_META_TASKS: tuple[str, ...] = ("Classification", "VQA", "Retrieval", "Groun
 MMEB_SPLITS: tuple[str, ...] = ("IND", "OOD")
 # MMEB writes Phi-3-V's placeholder; the LLaVA-OneVision prompt uses "<image>".
 _MMEB_IMAGE_TOKEN = re.compile(r"<\|image_\d+\|>")
-IMAGE_TOKEN = "<image>"
 
 # The 36 MMEB-eval datasets (VLM2Vec, Jiang et al. 2024, Table 1) in the paper's order. In-distribution are
 # the 20 datasets of MMEB-train (VLM2Vec's training subset list); the other 16 are out-of-distribution. The

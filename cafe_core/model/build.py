@@ -39,7 +39,8 @@ from transformers.utils import logging as hf_logging
 
 from cafe_core.config import ModelConfig, ModelPreset, TinyModelConfig
 from cafe_core.errors import BadInput
-from cafe_core.model.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, VIDEO_TOKEN, build_tokenizer
+from cafe_core.model.tokenizer import CHAT_TEMPLATE, build_tokenizer
+from cafe_core.prompts import IMAGE_TOKEN, VIDEO_TOKEN
 from cafe_core.storage import Storage, StorageError
 from cafe_core.uris import check_relative, is_s3, relative_to, safe_name
 

@@ -17,9 +17,8 @@ from torch import Tensor
 
 from cafe_core.config import PromptConfig
 from cafe_core.loss import IGNORE_INDEX
+from cafe_core.prompts import IM_END, IM_START, IMAGE_TOKEN
 
-IMAGE_TOKEN = "<image>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 
 

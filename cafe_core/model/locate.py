@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from cafe_core.commit import MANIFEST, Manifest, manifest_digest, read_manifest
 from cafe_core.config import ModelConfig
 from cafe_core.errors import BadInput
-from cafe_core.commit import MANIFEST, Manifest, manifest_digest, read_manifest
 from cafe_core.storage import ChecksumError, Storage
 from cafe_core.uris import join, sha256_file
 

@@ -37,24 +37,17 @@ from cafe_core.data.shapes import (
     short_captions,
     unique_shape_objects,
 )
+from cafe_core.prompts import ENDOFTEXT, IM_END, IM_START, IMAGE_PROMPT, IMAGE_TOKEN, SYSTEM, TEXT_PROMPT, VIDEO_TOKEN
 
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-IMAGE_TOKEN = "<image>"
-VIDEO_TOKEN = "<video>"
 # Order fixes their ids (0..4): trained tokenizers list special tokens first.
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN)
-DEFAULT_SYSTEM = "You are a helpful assistant."
-IMAGE_PROMPT = "Compress this image in one word:"
-TEXT_PROMPT = "Compress this sentence in one word:"
 
 # qwen_1_5: "<|im_start|>{role}\n{content}<|im_end|>\n" per message, a default system turn, and the
 # assistant header as generation prompt. List content (the processor's format) renders images and videos
 # first, one placeholder line each, then the text parts.
 CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' -}}"
+    "{{- '<|im_start|>system\\n" + SYSTEM + "<|im_end|>\\n' -}}"
     "{%- endif -%}"
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
@@ -80,7 +73,7 @@ _CORPUS_SEED = 20250325
 _CORPUS_SCENES = 300
 # Prompts and instructions used across the pipeline (training, embedding, POPE, MMStar, MMEB).
 _FIXED_TEXT: tuple[str, ...] = (
-    DEFAULT_SYSTEM,
+    SYSTEM,
     IMAGE_PROMPT,
     TEXT_PROMPT,
     "Describe the image in detail.",
@@ -135,7 +128,7 @@ def _domain_words() -> list[str]:
 
 
 def _chat_lines(user: str, answer: str) -> str:
-    return (f"{IM_START}system\n{DEFAULT_SYSTEM}{IM_END}\n{IM_START}user\n{user}{IM_END}\n"
+    return (f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{user}{IM_END}\n"
             f"{IM_START}assistant\n{answer}{IM_END}\n{ENDOFTEXT}")
 
 

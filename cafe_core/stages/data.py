@@ -26,7 +26,8 @@ def synth(cfg: CafeConfig, store: Storage) -> Result:
 def convert(cfg: CafeConfig, store: Storage, progress: bool = False) -> Result:
     """Convert training data (LLaVA-OneVision parquet, LLaVA-NeXT JSON) into image-text pair shards. Every
     rejected record is kept with its reason; fails without committing when too much is rejected."""
-    from cafe_core.data.convert import convert as run, summary
+    from cafe_core.data.convert import convert as run
+    from cafe_core.data.convert import summary
 
     result = run(cfg.require_data(), store, cfg.to_yaml(), progress=progress)
     s = result.stats

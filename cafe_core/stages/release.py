@@ -36,7 +36,8 @@ def promote(cfg: CafeConfig, store: Storage) -> Result:
     a re-embedded sample from a fresh download must match what was gated."""
     from cafe_core.evaluate.export import reembed_check
     from cafe_core.records import read_decision
-    from cafe_core.registry import RegistryError, promote as run
+    from cafe_core.registry import RegistryError
+    from cafe_core.registry import promote as run
 
     def check_model(model_uri: str) -> None:
         decision = read_decision(store, cfg.promote.decision)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cafe_core.errors import BadInput
 from cafe_core.commit import ManifestEntry, OutputWriter, read_manifest, verify_output
+from cafe_core.errors import BadInput
 from cafe_core.storage import NotCommittedError, Storage
 from cafe_core.uris import join, sha256_file
 

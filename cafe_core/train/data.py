@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from cafe_core.errors import BadInput
 from cafe_core.commit import read_manifest
+from cafe_core.errors import BadInput
 from cafe_core.storage import Storage
 from cafe_core.uris import join, safe_name, sha256_file
 

@@ -20,9 +20,9 @@ import logging
 import os
 import shutil
 import sys
-import warnings
 import tempfile
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,19 +33,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from cafe_core.commit import OutputWriter, read_manifest
 from cafe_core.config import CafeConfig, ConfigError
 from cafe_core.loss import JointLoss
 from cafe_core.model.build import build, save
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.joint import CafeModel
 from cafe_core.ports import free_port
-from cafe_core.commit import OutputWriter, read_manifest
 from cafe_core.storage import Storage
-from cafe_core.uris import join
 from cafe_core.train import heldout as heldout_eval
 from cafe_core.train.checkpoint import MODEL_DIGEST, WORLD_SIZE, ZERO_STAGE, Checkpoints, json_lines, read_json_lines
 from cafe_core.train.data import BatchOrder, BatchPlan, DataError, PairShards
 from cafe_core.train.schedule import cosine_with_warmup
+from cafe_core.uris import join
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
