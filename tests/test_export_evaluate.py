@@ -13,9 +13,10 @@ import torch
 from cafe_core.commit import OutputWriter, read_manifest, verify_output
 from cafe_core.config import ModelConfig, load_config
 from cafe_core.data.synth import generate
+from cafe_core.errors import BadInput
 from cafe_core.evaluate.export import Embeddings, ExportError, export
-from cafe_core.evaluate.run import EvaluationError, evaluate
 from cafe_core.model.build import build, save
+from cafe_core.stages.evaluate import evaluate
 from cafe_core.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -81,14 +82,14 @@ def test_export_of_another_checkpoint_recomputes_and_evaluate_refuses_a_stale_ex
     mixed = cfg.model_copy(deep=True)
     mixed.evaluate.embeddings = other.export.output
     mixed.evaluate.output = str(tmp_path / "evaluate-mixed")
-    with pytest.raises(EvaluationError, match="run `cafe export`"):
+    with pytest.raises(BadInput, match="run `cafe export`"):
         evaluate(mixed, store, families=["retrieval"], progress=False)
 
 
 def test_evaluate_every_family_writes_metrics_results_and_report(world):
     cfg, store = world
     export(cfg, store, progress=False)
-    record = evaluate(cfg, store, progress=False)
+    record = store.read_json(evaluate(cfg, store, progress=False).uri + "/metrics.json")
     manifest = verify_output(store, cfg.evaluate.output)
     names = manifest.names()
     for family in ("retrieval", "mmeb", "pope", "caption", "mc", "gap"):

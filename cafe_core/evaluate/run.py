@@ -23,7 +23,7 @@ from cafe_core.evaluate import choice, gap, mmeb, pope, retrieval
 from cafe_core.evaluate import sets as eval_sets
 from cafe_core.evaluate.export import Embeddings, load_for_inference
 from cafe_core.evaluate.generate import generate_answers
-from cafe_core.evaluate.merge import EvaluationError, header, merge, uncommit
+from cafe_core.evaluate.merge import EvaluationError, header, uncommit
 from cafe_core.layout import METRICS_FILE
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.locate import CheckpointRef, locate
@@ -211,11 +211,3 @@ def run_family(cfg: CafeConfig, store: Storage, family: str, progress: bool = Tr
     out.commit(meta={"family": family, "metrics": len(result.metrics), "checkpoint_digest": ctx.ref.digest})
     return result.metrics
 
-
-def evaluate(cfg: CafeConfig, store: Storage, families: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the families (default: evaluate.families) and merge them."""
-    families = families or list(cfg.evaluate.families)
-    ctx = Context(cfg, store, progress)
-    for family in families:
-        run_family(cfg, store, family, progress, ctx)
-    return merge(cfg, store, families)

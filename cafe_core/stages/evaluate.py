@@ -7,6 +7,7 @@ import fnmatch
 from typing import Any
 
 from cafe_core.config import FAMILIES, CafeConfig
+from cafe_core.errors import BadInput
 from cafe_core.layout import METRICS_FILE, RunLayout
 from cafe_core.stages.base import Result, committed, stage
 from cafe_core.storage import Storage
@@ -34,11 +35,13 @@ def export(cfg: CafeConfig, store: Storage, progress: bool = False) -> Result:
 
 
 @stage("evaluate", lambda cfg: cfg.evaluate.output)
-def evaluate_family(cfg: CafeConfig, store: Storage, family: str, progress: bool = False) -> Result:
-    """Evaluate one benchmark family, committed at {evaluate.output}/<family>/."""
+def evaluate_family(cfg: CafeConfig, store: Storage, family: str, progress: bool = False,
+                    context: Any = None) -> Result:
+    """Evaluate one benchmark family, committed at {evaluate.output}/<family>/. `context` (evaluate.run.Context)
+    shares the loaded model and embeddings between families run one after another."""
     from cafe_core.evaluate.run import run_family
 
-    metrics = run_family(cfg, store, family, progress=progress)
+    metrics = run_family(cfg, store, family, progress=progress, ctx=context)
     uri = join(cfg.evaluate.output, family)
     result = committed(store, "evaluate", uri, f"evaluate: {family}: {len(metrics)} metrics -> {uri}/", family=family)
     result.metrics = metrics
@@ -63,17 +66,19 @@ def merge_evaluation(cfg: CafeConfig, store: Storage, families: list[str] | None
     return result
 
 
+@stage("evaluate", lambda cfg: cfg.evaluate.output)
 def evaluate(cfg: CafeConfig, store: Storage, families: list[str] | None = None, merge: bool = True,
              progress: bool = False) -> Result:
     """Evaluate a checkpoint on every benchmark family (evaluate.families), then merge them into metrics.json
     and report.html. With merge=False only the families run (one part of a parallel evaluation)."""
+    from cafe_core.evaluate.run import Context
+
     families = list(families or cfg.evaluate.families)
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
-        from cafe_core.errors import BadInput
-
-        raise BadInput(f"evaluate: unknown family {', '.join(unknown)}: choose from {', '.join(FAMILIES)}")
-    parts = [evaluate_family(cfg, store, f, progress=progress) for f in families]
+        raise BadInput(f"unknown family {', '.join(unknown)}: choose from {', '.join(FAMILIES)}")
+    context = Context(cfg, store, progress)  # the model loads once for all generative families
+    parts = [evaluate_family(cfg, store, f, progress=progress, context=context) for f in families]
     if not merge:
         return Result("evaluate", cfg.evaluate.output, "\n".join(p.summary for p in parts),
                       metrics={k: v for p in parts for k, v in p.metrics.items()},
