@@ -39,11 +39,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 # --- stages ------------------------------------------------------------------------------------------
 
+def _evaluate_options(args) -> dict[str, Any]:
+    """--family X (repeatable): those families, not merged; --merge: only the merge; neither: everything."""
+    if args.family and args.merge_only:
+        raise BadInput("evaluate: --family runs families, --merge combines finished ones: give one of them")
+    return {"families": [] if args.merge_only else args.family, "merge": not args.family, "progress": True}
+
+
 # Command-line options of the stages that have any, as stage keyword arguments.
 STAGE_OPTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "convert": lambda args: {"progress": True},
     "export": lambda args: {"progress": True},
-    "evaluate": lambda args: {"families": args.family, "merge": not args.family, "progress": True},
+    "evaluate": _evaluate_options,
     "gate": lambda args: {"dry_run": args.dry_run},
 }
 
@@ -53,17 +60,10 @@ def stage_command(name: str, fn: Callable[..., Result]) -> Callable[[Any], None]
     (gate FAIL) exits 1 like a failed stage."""
 
     def command(args) -> None:
-        if name == "evaluate" and args.family and args.merge_only:
-            raise BadInput("evaluate: --family runs families, --merge combines finished ones: give one of them")
-        cfg = _config(args)
         options = STAGE_OPTIONS.get(name, lambda _: {})(args)
+        cfg = _config(args)
         with connect(cfg.s3, cfg.uris()) as store:
-            if name == "evaluate" and args.merge_only:
-                from cafe_core.stages.evaluate import merge_evaluation
-
-                result = merge_evaluation(cfg, store)
-            else:
-                result = fn(cfg, store, **options)
+            result = fn(cfg, store, **options)
         print(result.summary)
         if result.failure:
             raise StageFailed(result.failure)

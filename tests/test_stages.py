@@ -222,3 +222,20 @@ def test_tasks_that_need_no_model_import_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_evaluate_command_line_options_map_to_the_stage(capsys, tmp_path, monkeypatch):
+    seen = []
+
+    def fake_evaluate(cfg, store, families=None, merge=True, progress=False):
+        seen.append((families, merge))
+        return Result("evaluate", cfg.evaluate.output, "evaluate: done")
+
+    monkeypatch.setitem(stages.STAGES, "evaluate", fake_evaluate)
+    common = [f"root={tmp_path}", "run_id=r"]
+    assert main(["evaluate", *common]) == 0
+    assert main(["evaluate", "--family", "pope", "--family", "gap", *common]) == 0
+    assert main(["evaluate", "--merge", *common]) == 0
+    assert seen == [(None, True), (["pope", "gap"], False), ([], True)]
+    assert main(["evaluate", "--merge", "--family", "pope", *common]) == 2
+    assert "give one of them" in capsys.readouterr().err

@@ -70,7 +70,10 @@ def merge_evaluation(cfg: CafeConfig, store: Storage, families: list[str] | None
 def evaluate(cfg: CafeConfig, store: Storage, families: list[str] | None = None, merge: bool = True,
              progress: bool = False) -> Result:
     """Evaluate a checkpoint on every benchmark family (evaluate.families), then merge them into metrics.json
-    and report.html. With merge=False only the families run (one part of a parallel evaluation)."""
+    and report.html. With merge=False only the families run (one part of a parallel evaluation); with
+    families=[] only the merge (of families evaluated before)."""
+    if families == [] and merge:
+        return merge_evaluation(cfg, store)
     from cafe_core.evaluate.run import Context
 
     families = list(families or cfg.evaluate.families)
