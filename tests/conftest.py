@@ -74,11 +74,12 @@ SMALL_RUN = [  # one run of the cafe pipeline: broken rows to reject, held-out p
     "synth.mmeb_rows_per_dataset=4", "synth.mc_questions=8", "synth.caption_images=5", "synth.bad_fraction=0.03",
     "validate.min_rows=100", "train.max_steps=3", "train.heldout_size=16", "train.eval_every=3",
     "train.checkpoint_every=2", "train.max_length=256",
+    "train.nproc_per_node=1",  # torchrun inside the pipeline: the default run (test_gate_integration)
 ]
 SMALL_ABLATION = [  # the ablation: two short trainings on the smallest sets that give every metric
     "synth.train_size=120", "synth.bad_fraction=0", "synth.retrieval_images=6", "synth.pope_images=2",
     "synth.mmeb_rows_per_dataset=2", "synth.mc_questions=4", "synth.caption_images=2", "validate.min_rows=50",
-    "train.heldout=null", "train.max_length=256", "train.checkpoint_every=50",
+    "train.heldout=null", "train.max_length=256", "train.checkpoint_every=50", "train.nproc_per_node=1",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
