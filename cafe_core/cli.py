@@ -21,7 +21,7 @@ from cafe_core.commit import read_manifest
 from cafe_core.config import FAMILIES, CafeConfig, load_config
 from cafe_core.connect import connect, wants_embedded
 from cafe_core.errors import BadInput, CafeError, StageFailed, exit_line
-from cafe_core.layout import run_prefix
+from cafe_core.layout import METRICS_FILE, run_prefix
 from cafe_core.s3server import EmbeddedS3, browse_hint
 from cafe_core.stages import OTHER_STAGES, PIPELINE_ORDER, STAGES, Result, help_of
 from cafe_core.storage import StorageError
@@ -48,7 +48,7 @@ def _evaluate_options(args) -> dict[str, Any]:
 
 # Command-line options of the stages that have any, as stage keyword arguments.
 STAGE_OPTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "convert": lambda args: {"progress": True},
+    "convert": lambda args: {"progress": None},  # bars on a terminal only (tqdm decides)
     "export": lambda args: {"progress": True},
     "evaluate": _evaluate_options,
     "gate": lambda args: {"dry_run": args.dry_run},
@@ -64,7 +64,8 @@ def stage_command(name: str, fn: Callable[..., Result]) -> Callable[[Any], None]
         cfg = _config(args)
         with connect(cfg.s3, cfg.uris()) as store:
             result = fn(cfg, store, **options)
-        print(result.summary)
+        if result.summary:  # empty where another process has reported (torchrun's rank 0)
+            print(result.summary)
         if result.failure:
             raise StageFailed(result.failure)
 
@@ -75,8 +76,9 @@ def cmd_run(args) -> None:
     """The main job: the whole KFP pipeline locally through kfp.local, then the metrics, the decision and
     where everything went."""
     from cafe_core.evaluate.report import metrics_markdown
-    from cafe_core.kfp_local import failure_reason, run_pipeline, where_everything_went
-    from cafe_core.records import read_decision
+    from cafe_core.kfp_local import failure_reason, log_path, run_pipeline, where_everything_went
+    from cafe_core.records import read_decision, registry_root
+    from cafe_core.registry import read_aliases
     from cafe_core.stages.evaluate import HEADLINE_METRICS
 
     cfg = _config(args)
@@ -87,19 +89,20 @@ def cmd_run(args) -> None:
         try:
             timing = run_pipeline(cfg, store, args.config, args.overrides)
         except RuntimeError as e:
-            log = f".cafe/logs/run-{cfg.run_id}.log"
+            log = log_path(cfg.run_id)
             plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
             raise StageFailed(f"run: {failure_reason(log) or plain}\n  ({plain}; the whole log: {log})") from None
-        record = store.read_json(f"{cfg.evaluate.output}/metrics.json")
+        metrics = f"{cfg.evaluate.output}/{METRICS_FILE}"
+        record = store.read_json(metrics)
         decision = read_decision(store, cfg.promote.decision)
-        print(f"\nMetrics ({cfg.evaluate.output}/metrics.json; all of them in report.html):")
+        print(f"\nMetrics ({metrics}; all of them in report.html):")
         print(metrics_markdown(record["metrics"], HEADLINE_METRICS))
         print(f"\n{decision.summary()}")
         if not decision.passed:
             print("promote: skipped (the gate did not pass)")
         else:
-            aliases = store.read_json(f"{cfg.registry.uri}/{cfg.registry.model_name}/aliases.json")
-            print(f"promote: champion {aliases['champion']} (previous {aliases['previous']})")
+            aliases, _ = read_aliases(store, registry_root(cfg))
+            print(f"promote: champion {aliases.champion} (previous {aliases.previous})")
         work = sum(timing["steps"].values())
         print(f"\nPipeline: {timing['wall']:.0f} s wall; the steps' own time {work:.0f} s (imports inside them "
               f"included), kfp.local's orchestration {timing['wall'] - work:.0f} s; log {timing['log']}")

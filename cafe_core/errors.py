@@ -11,7 +11,7 @@ same way without knowing every module's exceptions (and without importing the mo
 
 from __future__ import annotations
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
 class CafeError(Exception):

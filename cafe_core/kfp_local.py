@@ -20,6 +20,8 @@ from typing import Any, TextIO
 
 from cafe_core.config import CafeConfig
 from cafe_core.layout import DECISION_FILE, METRICS_FILE, WHY_FILE, RunLayout
+from cafe_core.records import registry_root
+from cafe_core.registry import ALIASES
 from cafe_core.storage import Storage
 from cafe_core.train.torchrun import child_env
 
@@ -27,7 +29,7 @@ KFP_ROOT = Path(".cafe/kfp-local")
 LOG_DIR = Path(".cafe/logs")
 # Lines worth showing live: kfp.local's task status, and the stages' own summary lines.
 SHOWN = re.compile(r"(Executing task|finished with status|Pipeline .* finished|"
-                   r"^\s*((synth|convert|validate|train|export|evaluate|gate|promote|rollback): \S|step \d+:|FAILED|error:|Traceback))")
+                   r"^\s*((synth|convert|validate|train|export|evaluate|gate|promote|rollback|compare): \S|step \d+:|FAILED|error:|Traceback))")
 
 
 class _Filter:
@@ -69,16 +71,21 @@ def run_pipeline(cfg: CafeConfig, store: Storage, config_path: str | None, overr
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     KFP_ROOT.mkdir(parents=True, exist_ok=True)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"run-{cfg.run_id}.log"
+    log = log_path(cfg.run_id)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(KFP_ROOT.resolve()))
     started = time.monotonic()
     before = set(KFP_ROOT.iterdir())
-    with open(log_path, "w") as log, contextlib.redirect_stdout(_Filter(log, sys.stdout)), \
-            contextlib.redirect_stderr(_Filter(log, sys.stderr)):
+    with open(log, "w") as out, contextlib.redirect_stdout(_Filter(out, sys.stdout)), \
+            contextlib.redirect_stderr(_Filter(out, sys.stderr)):
         (cafe_pipeline if pipeline == "cafe" else ablation_pipeline)(**arguments.model_dump())
     wall = time.monotonic() - started
     run_dirs = sorted(set(KFP_ROOT.iterdir()) - before)
-    return {"wall": wall, "steps": step_seconds(run_dirs[-1]) if run_dirs else {}, "log": str(log_path)}
+    return {"wall": wall, "steps": step_seconds(run_dirs[-1]) if run_dirs else {}, "log": str(log)}
+
+
+def log_path(run_id: str) -> Path:
+    """kfp.local's own log of a local run (every task's executor input and output)."""
+    return LOG_DIR / f"run-{run_id}.log"
 
 
 def where_everything_went(cfg: CafeConfig) -> list[str]:
@@ -87,14 +94,14 @@ def where_everything_went(cfg: CafeConfig) -> list[str]:
     data = cfg.data.output if cfg.data else run.convert
     return [
         f"  synthetic data     {cfg.synth.output}/  (train/, eval/)",
-        f"  converted pairs    {data}/  {data}/rejects.jsonl  {data}/stats.json",
+        f"  converted pairs    {data}/pairs/  {data}/rejects.jsonl  {data}/stats.json",
         f"  validation         {cfg.validate_.output}/summary.txt  {cfg.validate_.output}/data_docs/index.html",
         f"  checkpoints        {cfg.train.output}/checkpoints/  (latest.json)",
         f"  trained model      {cfg.train.output}/final/model/  {cfg.train.output}/final/loss_curve.png",
         f"  embeddings         {cfg.export.output}/index.parquet  {cfg.export.output}/shards/",
         f"  evaluation         {cfg.evaluate.output}/{METRICS_FILE}  {cfg.evaluate.output}/report.html",
         f"  gate decision      {cfg.gate.output}/{DECISION_FILE}  {cfg.gate.output}/{WHY_FILE}",
-        f"  registry           {cfg.registry.uri}/{cfg.registry.model_name}/aliases.json",
+        f"  registry           {registry_root(cfg)}/{ALIASES}",
         f"  KFP artifacts      {KFP_ROOT}/  (kfp.local's pipeline root)",
     ]
 

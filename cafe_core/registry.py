@@ -46,7 +46,7 @@ from cafe_core.records import (
     read_decision,
     registry_root,
 )
-from cafe_core.storage import ObjectNotFound, PreconditionFailed, Storage, StorageError
+from cafe_core.storage import ObjectNotFound, PreconditionFailed, Storage, StorageError, StorageUnavailable
 from cafe_core.uris import join, sha256_bytes
 from cafe_core.version import code_version
 
@@ -400,6 +400,8 @@ def promote(cfg: CafeConfig, store: Storage, decision_uri: str,
     if check_model is not None:
         try:
             check_model(cand.model_uri)
+        except StorageUnavailable:
+            raise  # the stage says so, and that nothing was promoted
         except Exception as e:  # noqa: BLE001 - any failure of the check refuses the promotion
             raise PromoteError(f"model check failed for {cand.model_uri}: {e}; nothing was promoted") from e
     if existing:

@@ -55,8 +55,10 @@ class PreconditionFailed(StorageError):
     (if_none_match). The caller re-reads and decides again."""
 
 
-class StorageUnavailable(StorageError):
-    """The S3 endpoint could not be reached, or the connection dropped, after the client's retries."""
+class StorageUnavailable(BadInput, ConnectionError):
+    """The S3 endpoint could not be reached, or the connection dropped, after the client's retries. Not a
+    StorageError on purpose: code that handles a missing or damaged object (a reject, a FAIL reason) must
+    not take an outage for one; the stage reports it, and that nothing was committed."""
 
 
 # Refused or dropped connections and timeouts (botocore retries these itself), a body cut short, and the

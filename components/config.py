@@ -5,8 +5,8 @@ from cafe_core.params import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def resolve_config(kfp_run_id: str, root: str, run_id: str, config: str, data_uri: str, model_preset: str,
-                   model_checkpoint: str, a_con: float, temperature: float, max_steps: int, nodes: int,
-                   gpus_per_node: int, overrides: list, a_lm: float = 1.0, gate_rules: str = "",
+                   model_checkpoint: str, a_con: float, temperature: float, max_steps: int, train_mode: str,
+                   nodes: int, gpus_per_node: int, overrides: list, a_lm: float = 1.0, gate_rules: str = "",
                    lm_ratio: float = -1.0) -> str:
     """The run's resolved configuration (YAML): the base file, the pipeline's parameters (cafe_core.params),
     the overrides. lm_ratio >= 0: the configuration of that a_lm:a_con ablation variant."""
@@ -14,12 +14,12 @@ def resolve_config(kfp_run_id: str, root: str, run_id: str, config: str, data_ur
 
     from cafe_core.config import ConfigError
     from cafe_core.errors import exit_line
-    from cafe_core.params import RunParams
+    from cafe_core.params import RunParams, parse
     from cafe_core.params import resolve_config as resolve
 
     given = {k: v for k, v in locals().items() if k in RunParams.model_fields}
     try:
-        cfg = resolve(RunParams(**given), kfp_run_id, lm_ratio if lm_ratio >= 0 else None)
+        cfg = resolve(parse(RunParams, given), kfp_run_id, lm_ratio if lm_ratio >= 0 else None)
     except ConfigError as e:
         print(exit_line(e), file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None

@@ -13,6 +13,8 @@ def gate(run_config: str, metrics: Input[Metrics], decision_record: Output[Artif
 
     result = run_step(stage, run_config)
     publish(result, decision_record, documents={"why.md": why})
+    with open(decision_record.path, "w") as f:  # the record itself, not the gate's folder
+        f.write(result.meta["decision_uri"] + "\n")
     return result.meta["decision"]
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from kfp import kubernetes
 
-S3_SECRET = "cafe-s3"  # manifests/base/s3-secret.template.yaml
+from cafe_core.cluster.pytorchjob import S3_SECRET
+
 S3_SECRET_KEYS = {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
 
 
@@ -23,5 +24,5 @@ def config_inputs(p: dict) -> dict:
     from kfp import dsl
 
     keys = ("root", "run_id", "config", "data_uri", "model_preset", "model_checkpoint", "a_con", "temperature",
-            "max_steps", "nodes", "gpus_per_node", "overrides")
+            "max_steps", "train_mode", "nodes", "gpus_per_node", "overrides")
     return {"kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, **{k: p[k] for k in keys}}

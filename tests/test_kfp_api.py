@@ -10,7 +10,6 @@ import hashlib
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -425,6 +424,7 @@ def test_pipeline_created_concurrently_is_reused(kfp_api, package):
     assert len(kfp_api.of("POST", "/apis/v2beta1/pipelines")) == 1 and len(kfp_api.pipelines) == 1   # 409, looked again
 
 
+@pytest.mark.timeout(120)  # an endless retry would hang here; the answer comes in about a second
 def test_unreachable_host(package, monkeypatch, tmp_path):
     import kfp.client.client as kfp_client
 
@@ -432,7 +432,5 @@ def test_unreachable_host(package, monkeypatch, tmp_path):
     with socket.socket() as s:   # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    start = time.monotonic()
     with pytest.raises(SubmitError, match=f"cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}"):
         submit(f"http://127.0.0.1:{port}", package, "cafe-finetune", PARAMS, "cafe")
-    assert time.monotonic() - start < 10

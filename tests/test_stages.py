@@ -91,7 +91,7 @@ def test_stage_wrapper_keeps_the_kind_and_prefixes_the_stage_name():
 
 def test_gate_fail_is_exit_1_on_the_command_line_and_a_branch_value_in_the_pipeline(capsys, tmp_path, monkeypatch):
     def fake_gate(cfg, store, dry_run=False):
-        return Result("gate", f"{cfg.root}/g", "FAIL: run r", meta={"decision": "FAIL"},
+        return Result("gate", f"{cfg.root}/g", "FAIL: run r", meta={"decision": "FAIL", "decision_uri": f"{cfg.root}/g/d.json"},
                       documents={"why.md": "FAIL: run r\n"}, failure="gate: FAIL (retrieval too low)")
 
     monkeypatch.setattr(stages.release, "gate", fake_gate)
@@ -103,6 +103,7 @@ def test_gate_fail_is_exit_1_on_the_command_line_and_a_branch_value_in_the_pipel
     assert components.gate.python_func(run_config=cfg.to_yaml(), **out) == "FAIL"
     assert Path(out["why"].path).read_text() == "FAIL: run r\n"
     assert out["decision_record"].metadata["decision"] == "FAIL"
+    assert Path(out["decision_record"].path).read_text() == f"{tmp_path}/g/d.json\n"  # the record itself
 
 
 # --- every component's python_func -------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_evaluation_components_log_metrics_and_reports(tmp_path, run_config, mon
     assert variants[0]["retrieval/shapes/i2t_R@1"] == 0.5 and "cafe_output" in variants[0]
 
 
-def test_promote_and_resolve_config_components(tmp_path, run_config, monkeypatch):
+def test_promote_and_resolve_config_components(tmp_path, run_config, monkeypatch, capsys):
     calls: list = []
     monkeypatch.setattr(stages.release, "promote", fake("promote", calls))
     out = artifacts(tmp_path, "decision_record", "model", "champion")
@@ -186,17 +187,21 @@ def test_promote_and_resolve_config_components(tmp_path, run_config, monkeypatch
     assert calls == [("promote", {})] and json.dumps(out["champion"].metadata)
     text = components.resolve_config.python_func(
         kfp_run_id="kfp-9", root=str(tmp_path), run_id="", config="configs/local.yaml", data_uri="",
-        model_preset="tiny", model_checkpoint="", a_con=10.0, temperature=0.05, max_steps=5, nodes=1,
-        gpus_per_node=0, overrides=["train.seed=4"], lm_ratio=0.1)
+        model_preset="tiny", model_checkpoint="", a_con=10.0, temperature=0.05, max_steps=5, train_mode="local",
+        nodes=1, gpus_per_node=0, overrides=["train.seed=4"], lm_ratio=0.1)
     cfg = load_config(None, [])
     cfg = type(cfg).model_validate(__import__("yaml").safe_load(text))
     assert cfg.run_id == "kfp-9-lm0.1" and cfg.ablation.lm_ratio == 0.1 and cfg.train.seed == 4
-    with pytest.raises(SystemExit) as ended:
-        components.resolve_config.python_func(
-            kfp_run_id="", root=str(tmp_path), run_id="", config="configs/local.yaml", data_uri="",
-            model_preset="tiny", model_checkpoint="", a_con=10.0, temperature=0.05, max_steps=5, nodes=1,
-            gpus_per_node=0, overrides=[])
-    assert ended.value.code == 2
+    bad = dict(kfp_run_id="k", root=str(tmp_path), run_id="", config="configs/local.yaml", data_uri="",
+               model_preset="tiny", model_checkpoint="", a_con=10.0, temperature=0.05, max_steps=5,
+               train_mode="local", nodes=1, gpus_per_node=0, overrides=[])
+    for change, named in (({"kfp_run_id": ""}, "no KFP run id"), ({"nodes": 0}, "nodes"),
+                          ({"train_mode": "Local"}, "train_mode")):  # typed from the KFP UI: exit 2, one line
+        with pytest.raises(SystemExit) as ended:
+            components.resolve_config.python_func(**{**bad, **change})
+        assert ended.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and named in err and "Traceback" not in err
 
 
 def test_help_comes_from_the_stage_list(capsys):
@@ -216,7 +221,8 @@ def test_tasks_that_need_no_model_import_no_torch():
     import sys
 
     code = ("import sys; import components, pipelines.compile, cafe_core.cli, cafe_core.stages, cafe_core.params, "
-            "cafe_core.data.synth, cafe_core.data.convert, cafe_core.evaluate.merge, cafe_core.evaluate.report, "
+            "cafe_core.data.synth, cafe_core.data.convert, cafe_core.data.validate, cafe_core.evaluate.merge, "
+            "cafe_core.evaluate.report, "
             "cafe_core.gate, cafe_core.registry, cafe_core.records, cafe_core.connect; "
             "print(sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

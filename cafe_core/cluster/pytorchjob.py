@@ -30,6 +30,7 @@ PORT_NAME, PORT = "pytorchjob-port", 23456  # the operator's default name and po
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # set by the operator on every pod of a job
 SPEC_DIGEST = "cafe/spec-digest"  # annotation: tells a retried step's own job from a stranger of the same name
 MAX_NAME = 48  # pods are "<name>-worker-<i>" and their hostnames must stay within 63 characters
+S3_SECRET = "cafe-s3"  # the Secret with the S3 keys (manifests/base/s3-secret.template.yaml)
 S3_KEYS = {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "AWS_ENDPOINT_URL": True}  # key: optional
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 OPERATOR_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")  # and every PET_* name
@@ -90,7 +91,7 @@ class TrainingJobSpec(BaseModel):
     gpus_per_node: int = Field(0, ge=0, le=16)  # processes per node; 0 = a CPU job with one process per node
     # Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and (optional) AWS_ENDPOINT_URL; None = no S3 env
     # (e.g. credentials from the node's IAM role).
-    s3_secret: str | None = "cafe-s3"
+    s3_secret: str | None = S3_SECRET
     env: dict[str, str] = Field(default_factory=dict)  # extra plain env; never credentials
     cpu_request: str = "4"
     memory_request: str = "16Gi"

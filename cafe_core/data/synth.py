@@ -44,13 +44,13 @@ from cafe_core.data.shapes import (
     short_captions,
     unique_shape_objects,
 )
-from cafe_core.prompts import MMEB_IMAGE_TOKEN
+from cafe_core.prompts import IMAGE_TOKEN, MMEB_IMAGE_TOKEN
 from cafe_core.storage import Storage, StorageError
 
 # Bump when the generator's output changes for the same config, so `is_current` regenerates.
 GENERATOR_VERSION = 1
 DATA_SOURCE = "shapes"
-TRAIN_PROMPT = "<image>\nDescribe the image in detail."
+TRAIN_PROMPT = f"{IMAGE_TOKEN}\nDescribe the image in detail."
 MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 # LLaVA-style short-answer instruction: the training data asks presence questions the way POPE is asked.
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."

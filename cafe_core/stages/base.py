@@ -61,8 +61,6 @@ def stage(name: str, output: Callable[[CafeConfig], str]):
             result.seconds = time.monotonic() - started
             return result
 
-        run.stage_name = name  # type: ignore[attr-defined]
-        run.output_of = output  # type: ignore[attr-defined]
         return run
 
     return wrap

@@ -23,7 +23,7 @@ def synth(cfg: CafeConfig, store: Storage) -> Result:
 
 
 @stage("convert", lambda cfg: cfg.require_data().output)
-def convert(cfg: CafeConfig, store: Storage, progress: bool = False) -> Result:
+def convert(cfg: CafeConfig, store: Storage, progress: bool | None = False) -> Result:
     """Convert training data (LLaVA-OneVision parquet, LLaVA-NeXT JSON) into image-text pair shards. Every
     rejected record is kept with its reason; fails without committing when too much is rejected."""
     from cafe_core.data.convert import convert as run

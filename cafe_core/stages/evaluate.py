@@ -84,11 +84,9 @@ def evaluate(cfg: CafeConfig, store: Storage, families: list[str] | None = None,
     parts = [evaluate_family(cfg, store, f, progress=progress, context=context) for f in families]
     if not merge:
         return Result("evaluate", cfg.evaluate.output, "\n".join(p.summary for p in parts),
-                      metrics={k: v for p in parts for k, v in p.metrics.items()},
-                      seconds=sum(p.seconds for p in parts))
+                      metrics={k: v for p in parts for k, v in p.metrics.items()})
     merged = merge_evaluation(cfg, store, families)
     merged.summary = "\n".join([*(p.summary for p in parts), merged.summary])
-    merged.seconds += sum(p.seconds for p in parts)
     return merged
 
 

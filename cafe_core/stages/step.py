@@ -30,7 +30,8 @@ def run_step(fn: Callable[..., Result], run_config: str, **kwargs: Any) -> Resul
     except CafeError as e:
         print(exit_line(e), file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
-    print(result.summary, flush=True)
+    if result.summary:
+        print(result.summary, flush=True)
     return result
 
 

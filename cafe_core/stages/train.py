@@ -14,15 +14,14 @@ from cafe_core.storage import Storage
 CONFIG_ENV = "CAFE_CONFIG_YAML"
 
 
-def _trained(store: Storage, final: str, held_out_line: bool = True, **meta) -> Result:
-    """The final output, with its steps and held-out accuracy (from its manifest). The held-out line is left
-    out where torchrun's rank 0 has printed it already."""
+def _trained(store: Storage, final: str, **meta) -> Result:
+    """The final output, with its steps and held-out accuracy (from its manifest)."""
     from cafe_core.commit import read_manifest
 
     m = read_manifest(store, final).meta
     heldout = {k: v for k, v in m.items() if k.startswith("heldout/")}
     line = f"train: {final}"
-    if held_out_line and "heldout/i2t_top1" in heldout:
+    if "heldout/i2t_top1" in heldout:
         line = (f"train: held-out image->text top-1 {heldout['heldout/i2t_top1']:.3f} (chance "
                 f"{heldout.get('heldout/chance', float('nan')):.3f}) after {m.get('steps')} steps\n{line}")
     result = committed(store, "train", final, line, steps=m.get("steps"), **heldout, **meta)
@@ -43,10 +42,12 @@ def train(cfg: CafeConfig, store: Storage) -> Result:
         print(f"train: {cfg.train.nproc_per_node} processes under torchrun", flush=True)
         if torchrun(cfg, store, ["train"]) != 0:
             raise StageFailed(f"a training process failed; checkpoints under {cfg.train.output}/checkpoints")
-        return _trained(store, final, held_out_line=False)
+        result = _trained(store, final)
+        result.summary = ""  # rank 0 has printed it
+        return result
     result = run(cfg, store)
     if os.environ.get("RANK", "0") != "0":  # a torchrun child: rank 0 reports
-        return Result("train", result.output, f"train: rank {os.environ['RANK']} done")
+        return Result("train", result.output, "")
     return _trained(store, result.output)
 
 
