@@ -55,10 +55,11 @@ class PreconditionFailed(StorageError):
     (if_none_match). The caller re-reads and decides again."""
 
 
-class StorageUnavailable(BadInput, ConnectionError):
+class StorageUnavailable(BadInput, RuntimeError):
     """The S3 endpoint could not be reached, or the connection dropped, after the client's retries. Not a
-    StorageError on purpose: code that handles a missing or damaged object (a reject, a FAIL reason) must
-    not take an outage for one; the stage reports it, and that nothing was committed."""
+    StorageError (nor an OSError) on purpose: code that handles a missing, damaged or unreadable object (a
+    reject, a FAIL reason) must not take an outage for one; the stage reports it, and that nothing was
+    committed."""
 
 
 # Refused or dropped connections and timeouts (botocore retries these itself), a body cut short, and the

@@ -4,6 +4,7 @@ Every component's python_func is called directly here (stages faked where they w
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -245,3 +246,52 @@ def test_evaluate_command_line_options_map_to_the_stage(capsys, tmp_path, monkey
     assert seen == [(None, True), (["pope", "gap"], False), ([], True)]
     assert main(["evaluate", "--merge", "--family", "pope", *common]) == 2
     assert "give one of them" in capsys.readouterr().err
+
+
+class FailingAfter(Storage):
+    """A local Storage whose endpoint 'dies' after `n` source files: what a stage sees when S3 goes away
+    in the middle of reading its input."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.left = n
+
+    @contextlib.contextmanager
+    def local_copy(self, uri: str):
+        self.left -= 1
+        if self.left < 0:
+            raise StorageUnavailable(f"S3 endpoint http://s3.test did not answer: get {uri} failed after 6 attempts")
+        with super().local_copy(uri) as path:
+            yield path
+
+
+def test_outage_in_the_middle_of_convert_commits_nothing_and_rejects_nothing(tmp_path):
+    """Not a reject (an image that cannot be read) and not a reject-limit failure: the stage stops with
+    the outage and the output stays uncommitted."""
+    from cafe_core.commit import read_manifest
+    from cafe_core.storage import NotCommittedError
+
+    cfg = load_config("configs/local.yaml", [f"root={tmp_path}", "run_id=o1", "synth.train_size=40",
+                                             "synth.train_shard_rows=10",
+                                             "synth.retrieval_images=2", "synth.pope_images=1", "synth.mc_questions=2",
+                                             "synth.mmeb_rows_per_dataset=1", "synth.caption_images=1",
+                                             "data.workers=0"])
+    stages.data.synth(cfg, Storage())
+    with pytest.raises(BadInput) as err:
+        stages.data.convert(cfg, FailingAfter(2))  # 2 of the 4 source shards read, then the outage
+    assert str(err.value).startswith("convert: S3 endpoint http://s3.test did not answer: get ")
+    assert str(err.value).endswith(f"nothing was committed at {tmp_path}/runs/o1/convert")
+    with pytest.raises(NotCommittedError):
+        read_manifest(Storage(), f"{tmp_path}/runs/o1/convert")
+
+
+def test_embedding_families_import_no_transformers():
+    """The retrieval, MMEB and gap tasks read exported embeddings: torch, not the model stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import cafe_core.evaluate.run, cafe_core.stages.evaluate; "
+            "print(sorted(m for m in ('transformers', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

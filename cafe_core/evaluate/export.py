@@ -30,7 +30,6 @@ from cafe_core.commit import ManifestEntry, OutputWriter, read_manifest
 from cafe_core.config import CafeConfig, EvalSetsConfig, PromptConfig
 from cafe_core.errors import BadInput
 from cafe_core.evaluate import sets as eval_sets
-from cafe_core.model.build import build
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.joint import CafeModel
 from cafe_core.model.locate import CheckpointRef, locate, model_config_for, verified_copy
@@ -126,6 +125,8 @@ def embed_items(model: CafeModel, builder: InputBuilder, items: Sequence[Item], 
 
 def load_for_inference(cfg: CafeConfig, store: Storage, ref: CheckpointRef, precision: str = "auto", folder=None):
     """(CafeModel in eval mode on the device, processor, device). bf16 on a GPU unless told otherwise."""
+    from cafe_core.model.build import build  # transformers: only the tasks that load a model pay for it
+
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
