@@ -285,12 +285,14 @@ def test_outage_in_the_middle_of_convert_commits_nothing_and_rejects_nothing(tmp
         read_manifest(Storage(), f"{tmp_path}/runs/o1/convert")
 
 
-def test_embedding_families_import_no_transformers():
-    """The retrieval, MMEB and gap tasks read exported embeddings: torch, not the model stack."""
+def test_embedding_families_and_the_torchrun_parent_import_no_transformers():
+    """The retrieval, MMEB and gap tasks read exported embeddings, and the parent of a multi-process training
+    only checks and starts torchrun: torch, not the model stack."""
     import subprocess
     import sys
 
-    code = ("import sys; import cafe_core.evaluate.run, cafe_core.stages.evaluate; "
+    code = ("import sys; import cafe_core.evaluate.run, cafe_core.stages.evaluate, cafe_core.train.preflight, "
+            "cafe_core.train.torchrun; "
             "print(sorted(m for m in ('transformers', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

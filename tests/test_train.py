@@ -148,7 +148,7 @@ def test_clear_errors_before_any_work(train_data, tmp_path, cafe_main, capsys, m
 
 def _fake_checkpoint(root: Path, output: Path, world: int, *overrides: str) -> None:
     """A committed checkpoint with the metadata a run of `overrides` on `world` processes would save."""
-    from cafe_core.train.trainer import compatibility
+    from cafe_core.train.preflight import compatibility
 
     class Engine:
         def save_checkpoint(self, save_dir, tag, client_state):

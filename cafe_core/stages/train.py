@@ -33,8 +33,8 @@ def _trained(store: Storage, final: str, **meta) -> Result:
 def train(cfg: CafeConfig, store: Storage) -> Result:
     """Fine-tune with CAFe (torchrun + DeepSpeed), resumable from the checkpoints under train.output. With
     train.nproc_per_node > 1 outside torchrun, checks everything once and starts torchrun."""
+    from cafe_core.train.preflight import preflight
     from cafe_core.train.torchrun import in_torchrun, torchrun
-    from cafe_core.train.trainer import preflight, run
 
     final = f"{cfg.train.output}/final"
     if cfg.train.nproc_per_node > 1 and not in_torchrun():
@@ -45,6 +45,8 @@ def train(cfg: CafeConfig, store: Storage) -> Result:
         result = _trained(store, final)
         result.summary = ""  # rank 0 has printed it
         return result
+    from cafe_core.train.trainer import run
+
     result = run(cfg, store)
     if os.environ.get("RANK", "0") != "0":  # a torchrun child: rank 0 reports
         return Result("train", result.output, "")

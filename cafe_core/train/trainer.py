@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cafe_core.commit import OutputWriter, read_manifest
+from cafe_core.commit import OutputWriter
 from cafe_core.config import CafeConfig, ConfigError
 from cafe_core.loss import JointLoss
 from cafe_core.model.build import build, save
@@ -42,8 +42,9 @@ from cafe_core.model.joint import CafeModel
 from cafe_core.ports import free_port
 from cafe_core.storage import Storage
 from cafe_core.train import heldout as heldout_eval
-from cafe_core.train.checkpoint import MODEL_DIGEST, WORLD_SIZE, ZERO_STAGE, Checkpoints, json_lines, read_json_lines
+from cafe_core.train.checkpoint import Checkpoints, json_lines, read_json_lines
 from cafe_core.train.data import BatchOrder, BatchPlan, DataError, PairShards
+from cafe_core.train.preflight import compatibility, preflight
 from cafe_core.train.schedule import cosine_with_warmup
 from cafe_core.uris import join
 
@@ -78,30 +79,6 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def peak_tflops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
-
-
-def preflight(cfg: CafeConfig, store: Storage, world: int) -> str | None:
-    """Every check that can fail before work starts, with the fix in the message: run once by the
-    parent before torchrun starts processes, and again by each process. Returns the checkpoint to resume."""
-    t = cfg.train
-    if t.precision == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        raise ConfigError("train.precision=bf16 needs a GPU with bf16 support; use train.precision=fp32 on this machine")
-    if not (t.parts.vision or t.parts.projector or t.parts.llm or t.loss.learnable_temperature):
-        raise ConfigError("train.parts freezes every part: nothing to train")
-    store.check_reachable(t.data)
-    BatchPlan(t.global_batch_size, t.grad_accum, world)
-    read_manifest(store, t.data)  # the converted pairs exist and are committed
-    checkpoints = Checkpoints(store, join(t.output, "checkpoints"), t.keep_checkpoints)
-    found = checkpoints.resolve(t.resume)
-    if found is None:
-        return None
-    checkpoints.check_compatible(found[1], compatibility(cfg, world))
-    return found[0]
-
-
-def compatibility(cfg: CafeConfig, world: int) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it."""
-    return {WORLD_SIZE: world, ZERO_STAGE: cfg.train.zero_stage, MODEL_DIGEST: cfg.model.model_dump_json()}
 
 
 class Trainer:
