@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cafe_core.config import CafeConfig, ConfigError, format_validation_error, load_config
+from cafe_core.config import CafeConfig, ConfigError, load_config
 from cafe_core.layout import RunLayout
 
 BASE_IMAGE = "cafe-base:latest"  # images/base: every pipeline task
@@ -64,12 +64,16 @@ def parse(kind: type[_Params], values: dict[str, Any]) -> _Params:
     try:
         return kind.model_validate(values)
     except ValidationError as e:
-        text = format_validation_error(e).replace("invalid configuration", "invalid pipeline parameters")
-        for name in values:
-            if name not in kind.model_fields:
+        lines = []
+        for err in e.errors():
+            name = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
                 close = difflib.get_close_matches(name, list(kind.model_fields), n=1)
-                text += f"\n  ({name!r} is not a parameter{f'; did you mean {close[0]!r}?' if close else ''})"
-        raise ConfigError(text) from None
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                lines.append(f"- {name}: not a parameter; {hint}parameters: {', '.join(kind.model_fields)}")
+            else:
+                lines.append(f"- {name}: {err['msg']} (given: {err.get('input')!r})")
+        raise ConfigError("invalid pipeline parameters:\n" + "\n".join(lines)) from None
 
 
 def of_config(cfg: CafeConfig, config: str, overrides: list[str], kind: type[_Params] = RunParams,

@@ -123,8 +123,9 @@ def test_parameters_reproduce_a_locally_resolved_config(tmp_path):
 def test_typed_parameters_reject_what_the_pipeline_cannot_take():
     from cafe_core.params import parse
 
-    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'") as err:
         parse(RunParams, {"max_stepz": 3})
+    assert "gpus_per_node" in str(err.value) and "eval_sets" not in str(err.value)  # the parameters, not config keys
     with pytest.raises(ConfigError, match="train_mode"):
         parse(RunParams, {"train_mode": "gpu"})
     with pytest.raises(ConfigError, match="ratios"):
