@@ -227,14 +227,28 @@ class PromptConfig(Strict):
         return self
 
 
+# InfoNCE temperatures allowed (fixed, or a learnable one's initial value). 0.01 is open_clip's bound for a
+# learned one (logit scale clamped at 100) and is below the reference's 0.05 and VLM2Vec's 0.02; at 1 the
+# logits of unit embeddings span only [-1, 1] and the loss can hardly separate pairs.
+TEMPERATURE_RANGE = (0.01, 1.0)
+
+
 class LossConfig(Strict):
     a_lm: float = Field(1.0, ge=0)
     a_con: float = Field(10.0, ge=0)
-    temperature: float = Field(0.05, gt=0)
-    learnable_temperature: bool = False
+    temperature: float = 0.05  # within TEMPERATURE_RANGE; a learnable one starts here
+    learnable_temperature: bool = False  # learnt at train.optim.lr_temperature, clamped at >= 0.01
     # pairs: "Compress this image/sentence" prompts for image and caption. interleaved: MMEB-style inputs,
     # the query (image + prompts.pair_query text) against the target (the caption as plain user text).
     mode: Literal["pairs", "interleaved"] = "pairs"
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_range(cls, v: float) -> float:
+        low, high = TEMPERATURE_RANGE
+        if not low <= v <= high:
+            raise ValueError(f"temperature must be within [{low}, {high}] (the reference uses 0.05, VLM2Vec 0.02)")
+        return v
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> "LossConfig":
@@ -253,11 +267,22 @@ class OptimConfig(Strict):
     lr_llm: float = Field(1e-5, ge=0)
     lr_projector: float = Field(1e-5, ge=0)
     lr_vision: float = Field(2e-6, ge=0)
+    # A learnable temperature's own group (no weight decay), on the same schedule. Adam moves its parameter,
+    # log(1/temperature), by about lr per step: 1e-3 lets it change ~10% in 100 steps; lr_llm would not.
+    lr_temperature: float = Field(1e-3, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     clip_grad: float = Field(1.0, ge=0)  # 0 disables
     betas: tuple[float, float] = (0.9, 0.999)
+
+
+class CacheConfig(Strict):
+    """The node-local cache of training shards (cafe_core.cache): the ranks of one machine share one copy,
+    fetched from S3 once, lazily (when a batch first needs a row of it)."""
+
+    dir: str = ".cafe/cache"  # relative to the working directory; in a cluster mount a node-local volume here
+    max_gb: float = Field(100.0, gt=0)  # GiB; least recently used shards not in use are evicted to stay below
 
 
 class TrainConfig(Strict):
@@ -270,6 +295,13 @@ class TrainConfig(Strict):
     output: str = TEMPLATE.train
     global_batch_size: int = Field(16, ge=1)  # per optimizer step, over all ranks and accumulation steps
     grad_accum: int = Field(1, ge=1)
+    # The pairs InfoNCE contrasts. "step": every pair of the optimizer step (all ranks, all accumulation
+    # micro-steps): with grad_accum > 1 the step embeds its micro-batches without gradient first, then
+    # re-runs each with the cached embedding gradients (GradCache), so the contrastive batch grows past
+    # memory at the cost of one more forward. "micro": each micro-step's pairs over all ranks only.
+    contrastive_batch: Literal["step", "micro"] = "step"
+    # torch.distributed backend, per device if needed ("cpu:gloo,cuda:nccl"); null: that on GPUs, gloo on CPU.
+    dist_backend: str | None = None
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
     max_length: int = Field(512, ge=16)
@@ -290,6 +322,7 @@ class TrainConfig(Strict):
     nproc_per_node: int = Field(1, ge=1)  # `cafe train` starts torchrun itself when > 1
     prefetch_batches: int = Field(2, ge=0)  # micro-batches a background thread builds ahead; 0 = in the loop
     peak_tflops: float | None = Field(None, gt=0)  # per device, for the MFU estimate; known GPUs by name
+    cache: CacheConfig = CacheConfig()  # where and how much of the training data each node keeps
 
 
 # --- evaluation, gate, promotion ---------------------------------------------------------------------

@@ -20,8 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.nn.functional import all_gather as all_gather_autograd
 
+from cafe_core.config import TEMPERATURE_RANGE
+
 IGNORE_INDEX = -100
-MAX_LOGIT_SCALE = 100.0  # open_clip's clamp for a learnable temperature
+MIN_TEMPERATURE, MAX_TEMPERATURE = TEMPERATURE_RANGE
+MAX_LOGIT_SCALE = 1.0 / MIN_TEMPERATURE  # 100: open_clip's clamp for a learnable temperature
 
 
 def _world() -> tuple[int, int]:
@@ -55,13 +58,19 @@ class InfoNCE(nn.Module):
 
     Inputs are L2-normalised embeddings of the local rows, row i of `a` matching row i of `b`; every
     rank must hold the same number of rows.
+
+    A fixed temperature (within TEMPERATURE_RANGE) is used as given. A learnable one starts there and is
+    learnt as log(1/temperature); its logit scale is clamped at MAX_LOGIT_SCALE (temperature >= 0.01).
     """
 
     def __init__(self, temperature: float = 0.05, learnable: bool = False):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (given {temperature})")
-        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be within [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (given {temperature})")
+        self.learnable = learnable
+        # Shape (1,), not a 0-d scalar: DeepSpeed's initial broadcast views every parameter as bytes,
+        # which a 0-d tensor refuses (a learnable temperature crashed deepspeed.initialize).
+        log_scale = torch.tensor([math.log(1.0 / temperature)])
         if learnable:
             self.log_scale = nn.Parameter(log_scale)
         else:
@@ -69,34 +78,69 @@ class InfoNCE(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return 1.0 / float(self.log_scale.detach().exp())
+        """The temperature the loss uses (a learnt one past the clamp reads 0.01)."""
+        return 1.0 / float(self.logit_scale().detach())
+
+    def logit_scale(self, log_scale: Tensor | None = None) -> Tensor:
+        """exp(log_scale), clamped if learnable; `log_scale` stands in for the module's own (gradient
+        caching differentiates a detached copy, outside any module call)."""
+        scale = (self.log_scale if log_scale is None else log_scale).float().exp()
+        return scale.clamp(max=MAX_LOGIT_SCALE) if self.learnable else scale
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        if a.shape != b.shape or a.dim() != 2:
-            raise ValueError(f"expected two (batch, dim) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-        rank, _ = _world()
-        a, b = a.float(), b.float()
-        all_a, all_b = gather_with_grad(a), gather_with_grad(b)
-        scale = self.log_scale.float().exp().clamp(max=MAX_LOGIT_SCALE)
-        labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
-        loss_ab = F.cross_entropy(scale * a @ all_b.T, labels)
-        loss_ba = F.cross_entropy(scale * b @ all_a.T, labels)
-        return (loss_ab + loss_ba) / 2
+        return info_nce(a, b, self.logit_scale())
 
 
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+def info_nce(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
+    """This rank's symmetric InfoNCE: its rows of `a` against every rank's `b` and the reverse, at logit
+    scale `scale`; the mean over ranks is the global batch's loss."""
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"expected two (batch, dim) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    rank, _ = _world()
+    a, b = a.float(), b.float()
+    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+    labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+    loss_ab = F.cross_entropy(scale * a @ all_b.T, labels)
+    loss_ba = F.cross_entropy(scale * b @ all_a.T, labels)
+    return (loss_ab + loss_ba) / 2
+
+
+def lm_loss(logits: Tensor, targets: Tensor, step_tokens: Tensor | None = None, micro_steps: int = 1) -> Tensor:
     """Next-token cross-entropy over target tokens (IGNORE_INDEX elsewhere), averaged over the global
-    number of target tokens so that every token weighs the same whatever rank holds it.
+    number of target tokens so that every token weighs the same whatever rank and micro-step holds it.
 
     `logits[i]` predicts `targets[i]`: the caller has already shifted (and may have kept only the
-    positions that have a target). Shapes (N, vocab) and (N,).
+    positions that have a target). Shapes (N, vocab) and (N,). `step_tokens` is the target count of the
+    whole optimizer step (all `micro_steps` micro-batches on all ranks); without it, this micro-batch's
+    global count.
     """
     _, world = _world()
-    mask = targets != IGNORE_INDEX
     total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    count = global_sum(mask.sum().to(logits.device, torch.float32))
-    # Gradients are averaged over ranks afterwards, hence the factor world.
-    return total * world / count.clamp(min=1.0)
+    if step_tokens is None:
+        step_tokens, micro_steps = global_sum((targets != IGNORE_INDEX).sum().to(logits.device, torch.float32)), 1
+    # Gradients are averaged over ranks and micro-steps afterwards (DDP, DeepSpeed), hence the factors.
+    return total * (world * micro_steps) / step_tokens.to(logits.device, torch.float32).clamp(min=1.0)
+
+
+@dataclass
+class CachedContrastive:
+    """One micro-batch's share of a contrastive loss computed over the whole optimizer step (GradCache):
+    the loss's gradients with respect to this micro-batch's embeddings (and the log logit scale), taken
+    over the step's global batch with the model's output held fixed."""
+
+    loss: Tensor  # this rank's InfoNCE over the step's global batch (for logging)
+    grad_a: Tensor
+    grad_b: Tensor
+    grad_log_scale: Tensor | None  # on one micro-batch of the step only
+    micro_steps: int
+
+    def surrogate(self, a: Tensor, b: Tensor, log_scale: Tensor) -> Tensor:
+        """A scalar whose gradient through (a, b, log_scale) is the cached one, scaled by micro_steps since
+        the engine divides each micro-step's backward by their number."""
+        s = (a.float() * self.grad_a).sum() + (b.float() * self.grad_b).sum()
+        if self.grad_log_scale is not None:
+            s = s + (log_scale.float() * self.grad_log_scale).sum()  # log_scale has shape (1,)
+        return s * self.micro_steps
 
 
 @dataclass
@@ -138,8 +182,18 @@ class JointLoss(nn.Module):
         lm_targets: Tensor | None = None,
         emb_a: Tensor | None = None,
         emb_b: Tensor | None = None,
+        step_tokens: Tensor | None = None,
+        micro_steps: int = 1,
+        cached: CachedContrastive | None = None,
     ) -> LossParts:
-        lm = lm_loss(lm_logits, lm_targets) if self.uses_lm else None
-        con = self.infonce(emb_a, emb_b) if self.uses_con else None
-        parts = [w * p for w, p in ((self.a_lm, lm), (self.a_con, con)) if p is not None]
+        """The loss of one micro-batch. With `cached`, the contrastive part's value is the step's and its
+        gradient the cached one (`total` is then the objective to differentiate, not the loss's value)."""
+        lm = lm_loss(lm_logits, lm_targets, step_tokens, micro_steps) if self.uses_lm else None
+        if not self.uses_con:
+            con = objective = None
+        elif cached is not None:
+            con, objective = cached.loss, cached.surrogate(emb_a, emb_b, self.infonce.log_scale)
+        else:
+            con = objective = self.infonce(emb_a, emb_b)
+        parts = [w * p for w, p in ((self.a_lm, lm), (self.a_con, objective)) if p is not None]
         return LossParts(total=sum(parts[1:], parts[0]), lm=lm, con=con)

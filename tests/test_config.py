@@ -91,3 +91,22 @@ def test_resolved_config_roundtrips():
 def test_data_section_required_for_convert():
     with pytest.raises(ConfigError, match="no 'data' section"):
         load_config(None).require_data()
+
+
+@pytest.mark.parametrize("extra", [[], ["train.loss.learnable_temperature=true"]])
+@pytest.mark.parametrize("temperature", [0.005, 1.5])
+def test_temperature_outside_its_range_is_refused(temperature, extra):
+    """A fixed temperature, or a learnable one's initial value, must lie in [0.01, 1.0]."""
+    with pytest.raises(ConfigError) as err:
+        load_config(LOCAL, [f"train.loss.temperature={temperature}", *extra])
+    msg = str(err.value)
+    assert "train.loss.temperature" in msg and "within [0.01, 1.0]" in msg and f"given: {temperature}" in msg
+
+
+def test_temperature_bounds_and_its_learning_rate():
+    cfg = load_config(LOCAL, ["train.loss.temperature=0.01", "train.loss.learnable_temperature=true",
+                              "train.optim.lr_temperature=5e-4"])
+    assert cfg.train.loss.temperature == 0.01 and cfg.train.optim.lr_temperature == 5e-4
+    assert load_config(LOCAL, ["train.loss.temperature=1.0"]).train.optim.lr_temperature == 1e-3  # default
+    with pytest.raises(ConfigError, match="train.optim.lr_temperature"):
+        load_config(LOCAL, ["train.optim.lr_temperature=-1"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -10,7 +11,7 @@ import torch
 from cafe_core.storage import Storage
 from cafe_core.train import heldout
 from cafe_core.train.data import DataError
-from cafe_core.train.heldout import EMBED_BATCH, Heldout, HeldoutError, from_pairs, i2t_top1, load
+from cafe_core.train.heldout import EMBED_BATCH, Heldout, HeldoutError, from_pairs, i2t_top1, load, split_pairs
 
 
 class Batch:
@@ -143,3 +144,80 @@ def test_load_errors_name_the_setting(tmp_path):
     _write_set(tmp_path / "one.parquet", [(b"i0", ["c0"])])
     with pytest.raises(HeldoutError, match=r"has 1 image\(s\); retrieval needs at least 2"):
         load(Storage(), str(tmp_path), size=4)
+
+
+# --- which converted pairs are held out (split_pairs) --------------------------------------------------
+
+
+def ids_of(**sizes):
+    """Hand-built stored ids, sources interleaved (a converted dataset keeps its sources' input order)."""
+    out = [f"{s}/{i}" for s, n in sizes.items() for i in range(n)]
+    return sorted(out, key=lambda x: int(x.rsplit("/", 1)[1]))
+
+
+def by_source(ids, idx):
+    from collections import Counter
+
+    return Counter(ids[i].split("/", 1)[0] for i in idx)
+
+
+def check_partition(ids, train, held, n):
+    assert len(held) == n and len(train) == len(ids) - n
+    assert list(held) == sorted(held) and list(train) == sorted(train)
+    assert sorted(np.concatenate([train, held]).tolist()) == list(range(len(ids)))
+    assert train.dtype == held.dtype == np.int64
+
+
+def test_split_pairs_is_proportional_with_one_from_every_source():
+    ids = ids_of(big=80, mid=15, small=5)
+    train, held = split_pairs(ids, 10, seed=0)
+    check_partition(ids, train, held, 10)
+    assert by_source(ids, held) == {"big": 8, "mid": 1, "small": 1}  # quotas 8, 1.5, .5; one each first
+    train, held = split_pairs(ids, 20, seed=0)
+    assert by_source(ids, held) == {"big": 16, "mid": 3, "small": 1}  # exactly proportional
+    ids = ids_of(big=98, tiny=1, tinier=1)
+    assert by_source(ids, split_pairs(ids, 3, seed=0)[1]) == {"big": 1, "tiny": 1, "tinier": 1}
+
+
+def test_split_pairs_not_the_last_rows():
+    """The old rule (the last n rows) held out only the last source; these come from all of them."""
+    ids = [f"a/{i}" for i in range(50)] + [f"b/{i}" for i in range(50)]
+    _, held = split_pairs(ids, 10, seed=3)
+    assert by_source(ids, held) == {"a": 5, "b": 5}
+
+
+def test_split_pairs_fewer_than_the_sources_takes_the_largest():
+    ids = ids_of(a=10, b=30, c=20, d=20)
+    assert by_source(ids, split_pairs(ids, 2, seed=0)[1]) == {"b": 1, "c": 1}  # c before d: by name on ties
+    train, held = split_pairs(ids, 0, seed=0)
+    check_partition(ids, train, held, 0)
+
+
+def test_split_pairs_is_deterministic_and_seeded():
+    ids = ids_of(a=200, b=100)
+    first = split_pairs(ids, 30, seed=7)
+    again = split_pairs(list(ids), 30, seed=7)
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    other = split_pairs(ids, 30, seed=8)[1]
+    assert not np.array_equal(first[1], other) and by_source(ids, other) == by_source(ids, first[1])
+    # a source's draw depends on its own rows only: more rows of b leave a's choice as it was
+    more = ids + [f"b/{i}" for i in range(100, 400)]
+    a_only = lambda ids, idx: [ids[i] for i in idx if ids[i].startswith("a/")]  # noqa: E731
+    held_more = split_pairs(more, 30 * 2, seed=7)[1]  # a's share stays 20
+    assert by_source(more, held_more)["a"] == 20 and a_only(more, held_more) == a_only(ids, first[1])
+
+
+def test_split_pairs_ids_with_slashes_in_the_original_id():
+    ids = ["coco/train/1.jpg", "coco/train/2.jpg", "sam/1/2/3", "sam/x", "coco/val/1"]
+    assert by_source(ids, split_pairs(ids, 2, seed=0)[1]) == {"coco": 1, "sam": 1}
+
+
+@pytest.mark.parametrize("n", [-1, 4, 5])
+def test_split_pairs_refuses_sizes_that_leave_no_training(n):
+    with pytest.raises(HeldoutError, match="heldout_size"):
+        split_pairs(["a/1", "a/2", "b/1", "b/2"], n, seed=0)
+
+
+def test_split_pairs_refuses_ids_without_a_source():
+    with pytest.raises(HeldoutError, match="not '<source>/<id>'.*convert the data again"):
+        split_pairs(["a/1", "r0003", "b/2"], 1, seed=0)

@@ -3,6 +3,8 @@ same loss and gradients whether the batch is on one rank or split over two."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from cafe_core.ports import free_port
 from cafe_core.prompts import IMAGE_TOKEN
 
 PROMPTS = PromptConfig()
+ATTN_IMPLEMENTATIONS = get_args(ModelConfig.model_fields["attn_implementation"].annotation)
 
 
 def records(n: int, seed: int = 0):
@@ -37,6 +40,15 @@ def records(n: int, seed: int = 0):
 @pytest.fixture(scope="module")
 def tiny():
     model, processor = build(ModelConfig())
+    return model, processor
+
+
+@pytest.fixture(scope="module", params=ATTN_IMPLEMENTATIONS)
+def tiny_attn(request):
+    """The tiny model under each allowed model.attn_implementation (eager adds the mask to the scores,
+    sdpa reads it: both must mask packed rows and padding)."""
+    model, processor = build(ModelConfig(attn_implementation=request.param))
+    assert model.config.text_config._attn_implementation == request.param
     return model, processor
 
 
@@ -59,10 +71,10 @@ def test_one_vision_pass_per_step_and_no_dummy_images(tiny):
     assert set(out) == {"loss", "loss_lm", "loss_con"} and torch.isfinite(out["loss"])
 
 
-def test_packed_rows_equal_separate_forwards(tiny):
+def test_packed_rows_equal_separate_forwards(tiny_attn):
     """Packing (shared image prefix, block-causal mask) changes nothing: the embeddings and the LM loss
-    equal those of separate, unpacked forwards."""
-    model, processor = tiny
+    equal those of separate, unpacked forwards, under every attention implementation."""
+    model, processor = tiny_attn
     step = CafeModel(model, JointLoss(a_lm=1.0, a_con=1.0)).eval()
     builder = InputBuilder(processor, PROMPTS, 512)
     images, captions, convs = records(3, seed=5)
@@ -120,8 +132,8 @@ def test_embedding_prompts_are_the_reference_strings(tiny):
     assert len(long.ids) <= 512 and processor.tokenizer.decode(long.ids).endswith("one word:<|im_end|>\n<|im_start|>assistant\n<|im_end|>")
 
 
-def test_left_and_right_padding_give_the_same_embeddings(tiny):
-    model, processor = tiny
+def test_left_and_right_padding_give_the_same_embeddings(tiny_attn):
+    model, processor = tiny_attn
     step = CafeModel(model).eval()
     images, captions, _ = records(3)
     texts = [captions[0], "short", captions[1][:40]]
@@ -136,6 +148,19 @@ def test_left_and_right_padding_give_the_same_embeddings(tiny):
         # batching does not change an embedding: alone == inside a padded batch
         alone = step(right.texts_batch(["short"]), mode="embed")[0]
         torch.testing.assert_close(alone, step(right.texts_batch(texts), mode="embed")[1], rtol=1e-5, atol=1e-5)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_attn):
+    """Generation (2-D mask, left padding, KV cache) under each attention implementation: a padded batch
+    answers as each item alone."""
+    from cafe_core.evaluate.generate import generate_answers
+
+    model, processor = tiny_attn
+    images, _, _ = records(3)
+    items = [("Describe the image in detail.", images[0]), ("Is there a red star?", images[1]), ("What?", images[2])]
+    builder = InputBuilder(processor, PROMPTS, 512, padding_side="left")
+    batched = generate_answers(model.eval(), builder, items, 8, 3, progress=False)
+    assert batched == [generate_answers(model, builder, [item], 8, 1, progress=False)[0] for item in items]
 
 
 # --- world-size invariance on the real model ---------------------------------------------------------
@@ -181,10 +206,10 @@ def test_two_processes_of_4_equal_one_process_of_8(tmp_path):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-4 * scale + 1e-7, msg=lambda m: f"{name}: {m}")
 
 
-def test_interleaved_mode_uses_mmeb_style_inputs(tiny):
+def test_interleaved_mode_uses_mmeb_style_inputs(tiny_attn):
     """train.loss.mode=interleaved: query = image + instruction as plain user text, target = the caption;
     packed rows still equal separate forwards of those inputs."""
-    model, processor = tiny
+    model, processor = tiny_attn
     step = CafeModel(model, JointLoss(a_lm=1.0, a_con=1.0)).eval()
     builder = InputBuilder(processor, PROMPTS, 512)
     images, captions, convs = records(2, seed=7)

@@ -53,8 +53,78 @@ def test_infonce_computes_in_fp32_and_learns_its_temperature():
 def test_infonce_rejects_bad_input():
     with pytest.raises(ValueError, match="temperature"):
         InfoNCE(0.0)
+    for temperature, learnable in ((0.005, False), (1.5, False), (0.005, True)):
+        with pytest.raises(ValueError, match=r"within \[0\.01, 1\.0\]"):
+            InfoNCE(temperature, learnable)
     with pytest.raises(ValueError, match="same shape|one shape"):
         InfoNCE()(torch.ones(2, 3), torch.ones(3, 3))
+
+
+# Unit rows at cosine c to their own pair and s to the other: each direction's loss is log(1 + e^(-scale (c - s))).
+NEAR = F.normalize(torch.tensor([[1.0, 0.9], [0.9, 1.0]]), dim=-1)
+C, S = float(NEAR[0, 0]), float(NEAR[0, 1])
+
+
+def test_fixed_temperature_is_used_as_given():
+    """A fixed temperature is not clamped: 0.02 (VLM2Vec's) scores at logit scale 50, 0.01 at 100."""
+    for temperature, scale in ((0.02, 50.0), (0.01, 100.0), (1.0, 1.0)):
+        loss = InfoNCE(temperature)
+        assert loss.logit_scale().item() == pytest.approx(scale, rel=1e-6) and loss.temperature == pytest.approx(temperature)
+        expected = math.log1p(math.exp(-scale * (C - S)))
+        assert loss(EYE, NEAR).item() == pytest.approx(expected, abs=2e-5)  # fp32 logits of up to 100
+
+
+def test_learnable_temperature_survives_deepspeeds_broadcast():
+    """deepspeed.initialize broadcasts every parameter as `p.data.view(torch.uint8)`, which a 0-d tensor
+    refuses: `train.loss.learnable_temperature=true` crashed before the first step."""
+    loss = JointLoss(learnable_temperature=True)
+    for p in loss.parameters():
+        assert p.data.view(torch.uint8).numel() == 4 * p.numel()
+
+
+def test_learnable_temperature_is_clamped_at_0_01():
+    loss = InfoNCE(0.05, learnable=True)
+    assert loss(EYE, NEAR).item() == pytest.approx(math.log1p(math.exp(-20 * (C - S))), abs=2e-5)
+    with torch.no_grad():
+        loss.log_scale.fill_(math.log(1000.0))  # learnt past the clamp
+    out = loss(EYE, NEAR)
+    assert out.item() == pytest.approx(math.log1p(math.exp(-100 * (C - S))), abs=2e-5)
+    assert loss.temperature == pytest.approx(0.01)  # the temperature in use, not 0.001
+    out.backward()
+    assert loss.log_scale.grad.item() == 0.0
+
+
+def test_learnable_temperature_learns_at_its_own_rate():
+    """The trainer's parameter groups give the temperature train.optim.lr_temperature and no weight decay:
+    a few AdamW steps move it visibly, where the LLM's learning rate (1e-5) would barely move it."""
+    from types import SimpleNamespace
+
+    from cafe_core.config import ModelConfig, TrainConfig
+    from cafe_core.model.build import build
+    from cafe_core.model.joint import CafeModel
+    from cafe_core.train.trainer import Trainer
+
+    t = TrainConfig(loss={"temperature": 0.05, "learnable_temperature": True}, optim={"weight_decay": 0.1})
+    assert t.optim.lr_temperature == 1e-3 and t.optim.lr_llm == 1e-5
+    hf, _ = build(ModelConfig())
+    a = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    b = F.normalize(a + 0.5 * torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    moved = {}
+    for lr in (t.optim.lr_temperature, t.optim.lr_llm):
+        model = CafeModel(hf, JointLoss(a_lm=0.0, a_con=1.0, temperature=0.05, learnable_temperature=True))
+        optim = t.optim.model_copy(update={"lr_temperature": lr})
+        groups = Trainer._param_groups(SimpleNamespace(t=t.model_copy(update={"optim": optim}), model=model), hf)
+        temp = next(g for g in groups if g["name"] == "temperature")
+        assert temp["params"] == [model.loss.infonce.log_scale] and temp["lr"] == lr and temp["weight_decay"] == 0.0
+        assert next(g for g in groups if g["name"] == "llm")["weight_decay"] == 0.1
+        opt = torch.optim.AdamW(groups)
+        for _ in range(20):
+            opt.zero_grad()
+            model.loss(emb_a=a, emb_b=b).total.backward()
+            opt.step()
+        moved[lr] = abs(model.loss.infonce.temperature / 0.05 - 1)
+    # Adam moves log(1/T) by about lr a step: ~2% in 20 steps at 1e-3, ~0.02% at 1e-5
+    assert moved[1e-3] > 0.01 and moved[1e-5] < 0.001
 
 
 def test_lm_loss_hand_computed():

@@ -91,6 +91,34 @@ def test_golden_two_steps(train_data, tmp_path, cafe_main, capsys):
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("extra, same_steps", [
+    (["train.grad_accum=2"], 2),  # 2 micro-steps of 4, InfoNCE over the step's 8 pairs by gradient caching
+    # partitioned parameters; a learnable temperature (gathered for the cached loss) moves after step 1
+    (["train.grad_accum=4", "train.prefetch_batches=0", "train.zero_stage=3", "train.loss.learnable_temperature=true"], 1),
+])
+def test_accumulation_reproduces_the_golden_steps(train_data, tmp_path, cafe_main, capsys, extra, same_steps):
+    """The same global batch in micro-steps under the real DeepSpeed engine: the same logged step losses
+    (LM normalised by the step's tokens, InfoNCE over the whole step) and the same update (step 2)."""
+    out = tmp_path / "accum"
+    rc = cafe_main("train", *train_args(train_data, out, *GOLDEN_ARGS, "train.max_steps=2", *extra))
+    assert rc == 0, capsys.readouterr().err[-3000:]
+    got = losses(out)
+    assert [s for s, *_ in got] == [1, 2]
+    for (step, *x), (_, *y) in zip(got[:same_steps], GOLDEN):
+        assert x == pytest.approx(y, **GOLDEN_TOL), f"step {step}: logged {x}, recorded {y}"
+
+
+def test_micro_contrastive_batch_is_each_micro_steps_own(train_data, tmp_path, cafe_main, capsys):
+    """contrastive_batch=micro: InfoNCE over 4 pairs per micro-step, not 8: a different contrastive loss at
+    step 1 (the model is the same), the same token-normalised LM loss."""
+    out = tmp_path / "micro"
+    extra = ["train.grad_accum=2", "train.contrastive_batch=micro", "train.max_steps=1"]
+    assert cafe_main("train", *train_args(train_data, out, *GOLDEN_ARGS, *extra)) == 0, capsys.readouterr().err[-3000:]
+    [(_, loss, lm, con)] = losses(out)
+    assert lm == pytest.approx(GOLDEN[0][2], **GOLDEN_TOL)
+    assert con < GOLDEN[0][3] - 0.3  # fewer negatives: nearer log(4) than log(8)
+
+
 @pytest.mark.slow
 def test_golden_six_steps_and_resume_in_process(train_data, tmp_path, cafe_main, capsys):
     """Six steps against the recorded losses, then the same run again: it resumes from the last checkpoint

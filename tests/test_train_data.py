@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
-from cafe_core.train.data import BatchOrder, BatchPlan, DataError
+from cafe_core.cache import NodeCache
+from cafe_core.commit import read_manifest
+from cafe_core.storage import Storage
+from cafe_core.train.data import BatchOrder, BatchPlan, DataError, PairShards
+from tests.test_cache import CountingStorage, write_pairs
 
 
 def _steps(order: BatchOrder, start: int, stop: int) -> list[list[int]]:
@@ -123,3 +128,60 @@ def test_indivisible_batch_names_the_fix(global_batch, accum, world):
         f"train.global_batch_size={global_batch} is not divisible by world size {world} x train.grad_accum {accum}; "
         f"use a multiple of {world * accum}"
     )
+
+
+# --- PairShards: rows by global index, shards fetched lazily through the node cache ---------------------
+
+
+def _all_rows(folder) -> list[str]:
+    return [r["id"] for f in sorted(folder.glob("part-*.parquet")) for r in pq.read_table(f, columns=["id"]).to_pylist()]
+
+
+def test_shards_are_fetched_when_a_row_is_first_needed(tmp_path):
+    store = CountingStorage()
+    prefix = write_pairs(store, str(tmp_path / "convert"), tmp_path, shards=4, rows=10, row_group=4)
+    shards = PairShards(store, prefix, NodeCache(tmp_path / "cache", store))
+    assert len(shards) == 40 and store.downloads == []  # row counts from the manifest: nothing fetched
+    assert [r["id"] for r in shards.rows([25, 21])] == ["shapes/00025", "shapes/00021"]
+    assert [u.rsplit("/", 1)[1] for u in store.downloads] == ["part-00002.parquet"]
+    order = BatchOrder(40, 8, seed=0)
+    expected = _all_rows(tmp_path)
+    for step in range(order.steps_per_epoch):  # every row group of every shard, in the pinned order
+        batch = order.batch(step)
+        assert [r["id"] for r in shards.rows(batch)] == [expected[i] for i in batch]
+    assert len(store.downloads) == 4
+    with pytest.raises(IndexError):
+        shards.rows([40])
+
+
+def test_shards_of_a_dataset_without_row_counts_are_still_read(tmp_path):
+    """Converted before `cafe convert` recorded shard_rows: each shard is fetched once at start to count."""
+    store = CountingStorage()
+    prefix = write_pairs(store, str(tmp_path / "convert"), tmp_path, shards=3, rows=5, counts=False)
+    shards = PairShards(store, prefix, tmp_path / "cache")  # a folder: an unlimited cache there
+    assert len(shards) == 15 and len(store.downloads) == 3
+    assert [r["id"] for r in shards.rows(range(15))] == _all_rows(tmp_path)
+    assert len(store.downloads) == 3
+
+
+def test_a_shard_unlike_its_row_count_is_refused(tmp_path):
+    store = Storage()
+    prefix = write_pairs(store, str(tmp_path / "convert"), tmp_path, shards=2, rows=5)
+    manifest = read_manifest(store, prefix)
+    manifest.meta["shard_rows"]["pairs/part-00001.parquet"] = 6
+    store.write_bytes(f"{prefix}/_MANIFEST.json", manifest.model_dump_json().encode())
+    shards = PairShards(store, prefix, tmp_path / "cache")
+    assert shards.rows([0])[0]["id"] == "shapes/00000"
+    with pytest.raises(DataError, match="part-00001.parquet has 5 rows, its manifest says 6"):
+        shards.rows([5])
+
+
+def test_convert_records_the_rows_of_each_shard(train_data, tmp_path):
+    prefix = str(train_data / "runs" / "data" / "convert")
+    manifest = read_manifest(Storage(), prefix)
+    shard_rows = manifest.meta["shard_rows"]
+    assert sorted(shard_rows) == sorted(e.name for e in manifest.entries if e.name.startswith("pairs/"))
+    assert sum(shard_rows.values()) == manifest.meta["accepted"]
+    store = CountingStorage()
+    shards = PairShards(store, prefix, tmp_path / "cache")
+    assert len(shards) == manifest.meta["accepted"] and store.downloads == []

@@ -41,7 +41,7 @@ def png(width: int = 8, height: int = 6, color: tuple[int, int, int] = (200, 30,
 def pair(i: int, source: str = "shapes", **overrides: Any) -> dict[str, Any]:
     image = overrides.pop("image", None) or png(color=(i % 256, 40, 90))
     row = {
-        "id": f"{source}-{i:05d}",
+        "id": f"{source}/{i:05d}",  # as `cafe convert` stores it: "<source>/<id>"
         "source": source,
         "image": image,
         "image_sha256": hashlib.sha256(image).hexdigest(),
@@ -202,7 +202,7 @@ def test_source_mix_out_of_bounds_is_a_soft_failure(tmp_path: Path, store: Stora
     result = check(report, "source_mix")
     assert report.success and report.hard_failures == 0 and report.soft_failures == 1
     assert (result.severity, result.status) == ("soft", "WARN")
-    assert result.unexpected_examples == ["web-00099"]  # the source outside the configured set
+    assert result.unexpected_examples == ["web/00099"]  # the source outside the configured set
     assert len(result.details) == 3  # shapes share, photos share, unknown source
 
 

@@ -6,11 +6,12 @@ global bookkeeping (duplicate ids, exact duplicates) and writes parquet shards a
 flat as the input grows, apart from one small key per accepted record for de-duplication.
 
 Output under `data.output`, committed by its manifest:
-    pairs/part-00000.parquet ...  id, source, image (original bytes), image_sha256, image_format,
-                                  width, height, caption, conversations
-    rejects.jsonl                 one line per rejected record: id, source, reason, detail
+    pairs/part-00000.parquet ...  id ("<source name>/<id as found>"), source, image (original bytes),
+                                  image_sha256, image_format, width, height, caption, conversations
+    rejects.jsonl                 one line per rejected record: id (as found), source, reason, detail
     stats.json                    input = accepted + rejected + deduped, per reason and per source
     config.yaml                   the resolved configuration
+    _MANIFEST.json meta           the counts above and shard_rows (rows of each shard, read by training)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from cafe_core.commit import Manifest, OutputWriter
 from cafe_core.config import DataConfig
 from cafe_core.data import records as R
-from cafe_core.data.sources import FileProblem, read_source
+from cafe_core.data.sources import FileProblem, check_source_names, read_source
 from cafe_core.errors import StageFailed
 from cafe_core.storage import Storage, StorageError
 
@@ -143,6 +144,7 @@ class ShardWriter:
     def __init__(self, out: OutputWriter, tmp: Path, shard_rows: int):
         self.out, self.tmp, self.shard_rows = out, tmp, shard_rows
         self.names: list[str] = []
+        self.counts: dict[str, int] = {}  # name -> rows, committed as manifest meta "shard_rows"
         self._rows: list[dict] = []
         self._writer: pq.ParquetWriter | None = None
         self._path: Path | None = None
@@ -172,6 +174,7 @@ class ShardWriter:
         self.out.put_file(name, self._path)
         self._path.unlink()
         self.names.append(name)
+        self.counts[name] = self._in_shard
         self._writer, self._path, self._in_shard = None, None, 0
 
     def close(self) -> None:
@@ -205,13 +208,14 @@ def _content_key(row: dict) -> bytes:
 def convert(cfg: DataConfig, store: Storage, config_yaml: str, progress: bool | None = None) -> ConvertResult:
     """Run the conversion; raises RejectLimitExceeded (output left uncommitted) when too much is rejected."""
     started = time.monotonic()
+    check_source_names(cfg.sources)  # names namespace the ids: one name, one source
     limits = R.Limits(
         caption_rule=cfg.caption_rule, max_caption_chars=cfg.max_caption_chars, max_id_chars=cfg.max_id_chars,
         max_image_pixels=cfg.max_image_pixels, min_image_side=cfg.min_image_side,
     )
     problems: list[FileProblem] = []
     tally = Tally()
-    first_source_of_id: dict[str, str] = {}
+    seen_ids: set[str] = set()  # stored ids, "<source>/<id>": a repeat can only come from the same source
     seen_content: set[bytes] = set()
     out = OutputWriter(store, cfg.output, kind="pairs")
     with tempfile.TemporaryDirectory(prefix="cafe-convert-") as tmp_dir:
@@ -237,10 +241,10 @@ def convert(cfg: DataConfig, store: Storage, config_yaml: str, progress: bool | 
                     tally.input[o.source] += 1
                     if o.row is None:
                         reject(o, o.reason or "unknown", o.detail)
-                    elif o.id in first_source_of_id:
-                        reject(o, R.DUPLICATE_ID, f"id already used by an earlier record of source {first_source_of_id[o.id]!r}")
+                    elif o.row["id"] in seen_ids:
+                        reject(o, R.DUPLICATE_ID, f"id already used by an earlier record of source {o.source!r}")
                     else:
-                        first_source_of_id[o.id] = o.source
+                        seen_ids.add(o.row["id"])
                         key = _content_key(o.row)
                         if key in seen_content:
                             tally.deduped[o.source] += 1
@@ -275,7 +279,9 @@ def convert(cfg: DataConfig, store: Storage, config_yaml: str, progress: bool | 
         if failure:
             error = RejectLimitExceeded if n else ConvertError
             raise error(f"{failure}; nothing was committed. See {out.uri('rejects.jsonl')} and {out.uri('stats.json')}")
-        manifest = out.commit(meta={k: stats[k] for k in ("input", "accepted", "rejected", "deduped", "shards")})
+        meta = {k: stats[k] for k in ("input", "accepted", "rejected", "deduped", "shards")}
+        # Rows per shard: training maps global row indices to shards without downloading them first.
+        manifest = out.commit(meta={**meta, "shard_rows": shards.counts})
     return ConvertResult(output=out.prefix, stats=stats, manifest=manifest)
 
 

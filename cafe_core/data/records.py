@@ -19,6 +19,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from cafe_core.prompts import ENDOFTEXT, IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN
+
 # Reject reasons: stable names, counted in stats.json and written to rejects.jsonl.
 MISSING_ID = "missing_id"
 HOSTILE_ID = "hostile_id"
@@ -28,6 +30,8 @@ EMPTY_IMAGE = "empty_image"
 IMAGE_FILE_MISSING = "image_file_missing"
 IMAGE_PATH_OUTSIDE_FOLDER = "image_path_outside_folder"
 MULTI_IMAGE = "multi_image"
+MISPLACED_IMAGE = "misplaced_image"
+CHAT_CONTROL_TOKEN = "chat_control_token"
 CORRUPT_IMAGE = "corrupt_image"
 TRUNCATED_IMAGE = "truncated_image"
 DECOMPRESSION_BOMB = "decompression_bomb"
@@ -42,13 +46,22 @@ MALFORMED_RECORD = "malformed_record"
 
 REJECT_REASONS = (
     MISSING_ID, HOSTILE_ID, DUPLICATE_ID, MISSING_IMAGE, EMPTY_IMAGE, IMAGE_FILE_MISSING,
-    IMAGE_PATH_OUTSIDE_FOLDER, MULTI_IMAGE, CORRUPT_IMAGE, TRUNCATED_IMAGE, DECOMPRESSION_BOMB,
+    IMAGE_PATH_OUTSIDE_FOLDER, MULTI_IMAGE, MISPLACED_IMAGE, CHAT_CONTROL_TOKEN, CORRUPT_IMAGE, TRUNCATED_IMAGE, DECOMPRESSION_BOMB,
     UNSUPPORTED_MODE, IMAGE_TOO_SMALL, MISSING_CONVERSATIONS, MALFORMED_CONVERSATIONS, NO_GPT_TURN,
     EMPTY_CAPTION, CAPTION_TOO_LONG, MALFORMED_RECORD,
 )
 UNSUPPORTED_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N", "LAB", "HSV")
 ROLES = ("human", "gpt", "system")
 _DRIVE = re.compile(r"^[A-Za-z]:")
+# Text that the tokenizer would read as chat structure rather than as words: the chat template's special
+# tokens (cafe_core/prompts.py; <image> is handled by the placement rule), plus anything of Qwen's
+# `<|name|>` special-token shape, so that a tokenizer with more of them (Qwen2.5's <|vision_start|>, ...)
+# is covered too.
+CONTROL_TOKENS = (ENDOFTEXT, IM_START, IM_END, VIDEO_TOKEN)
+_CONTROL = re.compile("|".join(re.escape(t) for t in CONTROL_TOKENS) + r"|<\|[^<>|\s]{1,64}\|>")
+# A stored pair id is "<source name>/<id as found>": source names cannot hold "/" (SourceConfig.name), so
+# the first "/" always ends the source name, whatever the original id holds.
+ID_SEPARATOR = "/"
 
 
 class Reject(Exception):
@@ -91,6 +104,21 @@ class Outcome:
     detail: str = ""
 
 
+def pair_id(source: str, raw_id: str) -> str:
+    """The stored id: namespaced by source, so equal ids of different sources never collide."""
+    if not source or ID_SEPARATOR in source:
+        raise ValueError(f"source name {source!r} must be non-empty and hold no {ID_SEPARATOR!r}")
+    return f"{source}{ID_SEPARATOR}{raw_id}"
+
+
+def source_of(stored_id: str) -> str:
+    """The source name of a stored pair id (the inverse of pair_id's namespacing)."""
+    source, sep, rest = stored_id.partition(ID_SEPARATOR)
+    if not (source and sep and rest):
+        raise ValueError(f"pair id {stored_id[:100]!r} is not '<source>{ID_SEPARATOR}<id>'")
+    return source
+
+
 def check_id(raw_id: Any, max_chars: int) -> str:
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
         raise Reject(MISSING_ID, "id is null or empty")
@@ -127,10 +155,33 @@ def parse_conversations(conv: Any) -> list[dict[str, str]]:
         turns.append({"from": role, "value": value})
     if not turns:
         raise Reject(MISSING_CONVERSATIONS, "conversations is an empty list")
-    placeholders = sum(t["value"].count("<image>") for t in turns)
-    if placeholders > 1:
-        raise Reject(MULTI_IMAGE, f"{placeholders} <image> placeholders in the conversation; pairs take one image")
+    for i, t in enumerate(turns):
+        check_no_control_tokens(t["value"], f"turn {i} ({t['from']})")
+    check_image_placement(turns)
     return turns
+
+
+def check_no_control_tokens(text: str, where: str) -> None:
+    found = _CONTROL.search(text)
+    if found:
+        raise Reject(CHAT_CONTROL_TOKEN, f"{where} holds {found.group()!r}, which the tokenizer reads as chat structure")
+
+
+def check_image_placement(turns: list[dict[str, str]]) -> None:
+    """At most one <image>, and only in the first human turn (training's rule, cafe_core/model/inputs.py
+    InputBuilder.conversation). A conversation without one is accepted as it is: training puts the
+    placeholder at the start of its first human turn (or adds a human turn holding it), the LLaVA way."""
+    where = [i for i, t in enumerate(turns) for _ in range(t["value"].count(IMAGE_TOKEN))]
+    if len(where) > 1:
+        raise Reject(MULTI_IMAGE, f"{len(where)} {IMAGE_TOKEN} placeholders in the conversation; pairs take one image")
+    first_human = next((i for i, t in enumerate(turns) if t["from"] == "human"), None)
+    if where and where[0] != first_human:
+        i = where[0]
+        raise Reject(
+            MISPLACED_IMAGE,
+            f"{IMAGE_TOKEN} in turn {i} ({turns[i]['from']}); only the first human turn may hold it"
+            + ("" if first_human is None else f" (turn {first_human})"),
+        )
 
 
 def caption_of(turns: list[dict[str, str]], rule: str, max_chars: int) -> str:
@@ -143,6 +194,9 @@ def caption_of(turns: list[dict[str, str]], rule: str, max_chars: int) -> str:
         raise Reject(EMPTY_CAPTION, "the caption is empty or whitespace")
     if len(caption) > max_chars:
         raise Reject(CAPTION_TOO_LONG, f"caption is {len(caption)} characters (limit {max_chars})")
+    check_no_control_tokens(caption, "the caption")
+    if IMAGE_TOKEN in caption:  # the text-side prompt has no image for it
+        raise Reject(MISPLACED_IMAGE, f"the caption holds {IMAGE_TOKEN}")
     return caption
 
 
@@ -201,5 +255,5 @@ def to_pair(rec: RawRecord, limits: Limits, read_image=None) -> Outcome:
         info = inspect_image(data, limits)
     except Reject as r:
         return Outcome(source=rec.source, id=shown_id, reason=r.reason, detail=r.detail)
-    row = {"id": rid, "source": rec.source, "image": data, **info, "caption": caption, "conversations": turns}
+    row = {"id": pair_id(rec.source, rid), "source": rec.source, "image": data, **info, "caption": caption, "conversations": turns}
     return Outcome(source=rec.source, id=rid, row=row)

@@ -185,6 +185,18 @@ def read_llava_next(
             yield _llava_next_record(src, entries[i], folder)
 
 
+def check_source_names(sources: list[SourceConfig]) -> None:
+    """Source names namespace the pair ids ("<name>/<id>") and the per-source counts: each must be unique."""
+    first: dict[str, int] = {}
+    for i, src in enumerate(sources):
+        if src.name in first:
+            raise SourceError(
+                f"data.sources.{i}.name={src.name!r} is also the name of data.sources.{first[src.name]}: "
+                "each source needs its own name (it prefixes the ids of its pairs)"
+            )
+        first[src.name] = i
+
+
 def read_source(src: SourceConfig, store: Storage, problems: list[FileProblem], seed: int) -> Iterator[RawRecord]:
     if src.format == "onevision_parquet":
         return read_onevision(src, store, problems)

@@ -37,6 +37,7 @@ from transformers import (
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging as hf_logging
 
+from cafe_core.cache import folder_lock
 from cafe_core.config import ModelConfig, ModelPreset, TinyModelConfig
 from cafe_core.errors import BadInput
 from cafe_core.model.tokenizer import CHAT_TEMPLATE, build_tokenizer
@@ -298,22 +299,25 @@ def fetch_checkpoint(uri: str, cache_dir: Path, store: Storage) -> Path:
     """Mirror a checkpoint folder (any URI ``store`` reads) into ``cache_dir/<safe name>/``.
 
     Files already there with the remote size are kept, so a second build does not download again; local
-    files that the remote folder no longer has are removed, so stale weights never mix with new ones.
+    files that the remote folder no longer has are removed, so stale weights never mix with new ones. The
+    ranks of a node share ``cache_dir``: one mirrors at a time (a lock on the folder), so the first
+    downloads and the others wait, then find every file in place: one download per node.
     """
     base = uri.rstrip("/") if is_s3(uri) else str(Path(uri))  # the spelling store.list uses for object URIs
     objects = store.list(base)
     if not objects:
         raise ModelLoadError(f"checkpoint {uri} is empty or does not exist: point model.checkpoint at a model folder")
     target = cache_dir / safe_name(base)
-    wanted: dict[Path, int] = {}
-    for obj in objects:
-        local = target / _name_inside(obj.uri, base)
-        wanted[local] = obj.size
-        if not (local.is_file() and local.stat().st_size == obj.size):
-            partial = target.parent / f".{target.name}-{uuid.uuid4().hex}.part"
-            _download_whole(store, obj.uri, local, partial)
-    for stale in (p for p in target.rglob("*") if p.is_file() and p not in wanted):
-        stale.unlink()
+    with folder_lock(target):
+        wanted: dict[Path, int] = {}
+        for obj in objects:
+            local = target / _name_inside(obj.uri, base)
+            wanted[local] = obj.size
+            if not (local.is_file() and local.stat().st_size == obj.size):
+                partial = target.parent / f".{target.name}-{uuid.uuid4().hex}.part"
+                _download_whole(store, obj.uri, local, partial)
+        for stale in (p for p in target.rglob("*") if p.is_file() and p not in wanted):
+            stale.unlink()
     return target
 
 

@@ -17,8 +17,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cafe_core.loss import IGNORE_INDEX, JointLoss
+from cafe_core.loss import IGNORE_INDEX, CachedContrastive, JointLoss
 from cafe_core.model.inputs import Batch
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean 4-D mask (True = may attend) as the additive float mask every attention implementation
+    reads the same way: 0 where allowed, the dtype's minimum where blocked.
+
+    transformers hands a 4-D mask to the attention function as it is (masking_utils returns it untouched):
+    eager *adds* it to the scores, so a boolean one would add 1 to allowed and 0 to blocked positions and
+    mask nothing (the LM loss would see future tokens); sdpa reads a boolean mask as allowed/blocked and
+    adds a float one, so this form is right for both. Rows are never fully blocked (padding attends to
+    itself), so no row softmaxes over the minimum alone. 2-D masks need nothing: transformers builds the
+    causal + padding mask for each implementation from them.
+    """
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 class CafeModel(nn.Module):
@@ -43,7 +58,7 @@ class CafeModel(nn.Module):
                     "the processor and model disagree (check image_grid_pinpoints)"
                 )
             embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), features)
-        mask = batch.attention_4d if batch.attention_4d is not None else batch.attention_mask
+        mask = batch.attention_mask if batch.attention_4d is None else additive_mask(batch.attention_4d, embeds.dtype)
         width = batch.input_ids.shape[1]
         hidden = []
         for start, end, w in batch.groups or [(0, batch.input_ids.shape[0], width)]:
@@ -59,19 +74,28 @@ class CafeModel(nn.Module):
         rows, cols = batch.pool[name]
         return F.normalize(hidden[rows, cols].float(), dim=-1)
 
+    @staticmethod
+    def lm_target_count(batch: Batch) -> int:
+        """Next-token targets in the batch (what lm_logits scores)."""
+        return 0 if batch.targets is None else int((batch.targets[:, 1:] != IGNORE_INDEX).sum())
+
     def lm_logits(self, hidden: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """Logits only where there is a next-token target (saves the vocab projection elsewhere)."""
         targets = batch.targets[:, 1:]
         keep = targets != IGNORE_INDEX
         return self.hf.lm_head(hidden[:, :-1][keep]), targets[keep]
 
-    def forward(self, batch: Batch, mode: str = "train") -> dict[str, Tensor] | Tensor:
-        """mode "train": the joint loss of a pairs batch as {loss, loss_lm, loss_con}. mode "embed":
+    def forward(self, batch: Batch, mode: str = "train", step_tokens: Tensor | None = None, micro_steps: int = 1,
+                cached: CachedContrastive | None = None) -> dict[str, Tensor] | Tensor:
+        """mode "train": the joint loss of a pairs batch as {loss, loss_lm, loss_con} (see JointLoss for
+        step_tokens, micro_steps and cached). mode "pairs": the pair embeddings {a, b} only. mode "embed":
         the embeddings of group "a"."""
         hidden = self.hidden_states(batch)
         if mode == "embed":
             return self.embeddings(hidden, batch, "a")
+        if mode == "pairs":
+            return {"a": self.embeddings(hidden, batch, "a"), "b": self.embeddings(hidden, batch, "b")}
         logits, targets = self.lm_logits(hidden, batch) if self.loss.uses_lm else (None, None)
         a = self.embeddings(hidden, batch, "a") if self.loss.uses_con else None
         b = self.embeddings(hidden, batch, "b") if self.loss.uses_con else None
-        return self.loss(logits, targets, a, b).as_dict()
+        return self.loss(logits, targets, a, b, step_tokens, micro_steps, cached).as_dict()

@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from cafe_core.cache import NodeCache
 from cafe_core.commit import read_manifest
 from cafe_core.errors import BadInput
 from cafe_core.storage import Storage
-from cafe_core.uris import join, safe_name, sha256_file
+from cafe_core.uris import join
 
 COLUMNS = ["id", "image", "caption", "conversations"]
 ROW_GROUP_CACHE = 8
+SHARD_ROWS = "shard_rows"  # manifest meta of `cafe convert`: shard name -> rows
 
 
 class DataError(BadInput, ValueError):
@@ -76,53 +78,72 @@ class BatchOrder:
 
 
 class PairShards:
-    """Rows of a committed pairs dataset by global index. Shards are fetched once to a local cache and
-    checked against the manifest's sha256; a few decoded row groups are kept in memory."""
+    """Rows of a committed pairs dataset by global index, each shard fetched lazily, when a row of it is
+    first needed, through a node-local cache (one copy per node, checked against the manifest's sha256);
+    a few decoded row groups are kept in memory.
 
-    def __init__(self, store: Storage, prefix: str, cache_dir: str | Path):
+    ``cache`` is a NodeCache shared by the node's ranks, or a folder (an unlimited cache there). Row
+    counts come from the manifest (`cafe convert` records them as meta ``shard_rows``); a dataset written
+    before that has each shard fetched once at start to count its rows."""
+
+    def __init__(self, store: Storage, prefix: str, cache: NodeCache | str | Path):
         manifest = read_manifest(store, prefix)
-        entries = [e for e in manifest.entries if e.name.startswith("pairs/") and e.name.endswith(".parquet")]
-        if not entries:
+        self.entries = [e for e in manifest.entries if e.name.startswith("pairs/") and e.name.endswith(".parquet")]
+        if not self.entries:
             raise DataError(f"{prefix} has no pairs/*.parquet shards: is it the output of `cafe convert`?")
-        folder = Path(cache_dir) / safe_name(prefix)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.files: list[Path] = []
-        for e in entries:
-            local = folder / safe_name(e.name)
-            if not (local.exists() and local.stat().st_size == e.size and sha256_file(local) == e.sha256):
-                store.download(join(prefix, e.name), local)
-                if sha256_file(local) != e.sha256:
-                    raise DataError(f"{join(prefix, e.name)} does not match its manifest checksum")
-            self.files.append(local)
-        self._meta = [pq.ParquetFile(f).metadata for f in self.files]
-        # (file, row group) boundaries as global row offsets
-        self._groups: list[tuple[int, int, int]] = []  # (start, file index, group index)
-        start = 0
-        for fi, meta in enumerate(self._meta):
-            for gi in range(meta.num_row_groups):
-                self._groups.append((start, fi, gi))
-                start += meta.row_group(gi).num_rows
-        self._starts = np.array([g[0] for g in self._groups])
-        self.n_rows = start
+        self.prefix = prefix
+        self.cache = cache if isinstance(cache, NodeCache) else NodeCache(cache, store)
+        counts = manifest.meta.get(SHARD_ROWS)
+        if not isinstance(counts, dict) or any(e.name not in counts for e in self.entries):
+            counts = {e.name: self._read_meta(i).num_rows for i, e in enumerate(self.entries)}  # older datasets
+        self._rows = [int(counts[e.name]) for e in self.entries]
+        self._shard_starts = np.cumsum([0] + self._rows)
+        self.n_rows = int(self._shard_starts[-1])
+        self._meta: dict[int, tuple[pq.FileMetaData, np.ndarray]] = {}  # shard -> footer, row-group starts
         self._cache: OrderedDict[tuple[int, int], list[dict]] = OrderedDict()
 
     def __len__(self) -> int:
         return self.n_rows
+
+    def _use(self, fi: int):
+        e = self.entries[fi]
+        return self.cache.use(join(self.prefix, e.name), e.sha256, e.size)
+
+    def _read_meta(self, fi: int) -> pq.FileMetaData:
+        with self._use(fi) as path:
+            return pq.read_metadata(path)
+
+    def _groups(self, fi: int) -> np.ndarray:
+        """Row-group start offsets within shard ``fi`` (its footer is read when the shard is first used)."""
+        if fi not in self._meta:
+            meta = self._read_meta(fi)
+            if meta.num_rows != self._rows[fi]:
+                raise DataError(f"{join(self.prefix, self.entries[fi].name)} has {meta.num_rows} rows, its manifest "
+                                f"says {self._rows[fi]}: the dataset was not written by `cafe convert`; convert it again")
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            self._meta[fi] = (meta, np.cumsum([0] + sizes)[:-1])
+        return self._meta[fi][1]
 
     def _group(self, fi: int, gi: int) -> list[dict]:
         key = (fi, gi)
         if key in self._cache:
             self._cache.move_to_end(key)
         else:
-            self._cache[key] = pq.ParquetFile(self.files[fi]).read_row_group(gi, columns=COLUMNS).to_pylist()
+            with self._use(fi) as path:
+                self._cache[key] = pq.ParquetFile(path).read_row_group(gi, columns=COLUMNS).to_pylist()
             if len(self._cache) > ROW_GROUP_CACHE:
                 self._cache.popitem(last=False)
         return self._cache[key]
 
-    def rows(self, indices: np.ndarray) -> list[dict]:
+    def rows(self, indices) -> list[dict]:
         out = []
         for i in indices:
-            g = int(np.searchsorted(self._starts, i, side="right") - 1)
-            start, fi, gi = self._groups[g]
-            out.append(self._group(fi, gi)[int(i) - start])
+            i = int(i)
+            if not 0 <= i < self.n_rows:
+                raise IndexError(f"row {i} of a dataset of {self.n_rows} pairs")
+            fi = int(np.searchsorted(self._shard_starts, i, side="right") - 1)
+            starts = self._groups(fi)
+            local = i - int(self._shard_starts[fi])
+            gi = int(np.searchsorted(starts, local, side="right") - 1)
+            out.append(self._group(fi, gi)[local - int(starts[gi])])
         return out

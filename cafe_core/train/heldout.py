@@ -1,16 +1,22 @@
 """Held-out in-batch retrieval during training: image->text top-1 over a fixed set, so that learning is
 visible while the run goes (chance is 1/N). Every rank embeds an equal share (ZeRO-3 needs the same calls
-on every rank); embeddings are gathered and scored once."""
+on every rank); embeddings are gathered and scored once. `split_pairs` chooses which converted pairs are
+held out (drawn from every source)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from cafe_core.data.records import source_of
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.storage import Storage
 from cafe_core.train.data import DataError
@@ -29,6 +35,45 @@ class Heldout:
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+def _shares(sizes: dict[str, int], n: int) -> dict[str, int]:
+    """How many of n held-out pairs each source gives: proportional to its size (largest remainders), at
+    least one from every source when n allows; when it does not, the largest sources (then names) first."""
+    total = sum(sizes.values())
+    names = sorted(sizes, key=lambda s: (-sizes[s], s))
+    take = {s: 1 if n >= len(names) else 0 for s in names}
+    for _ in range(n - sum(take.values())):  # each next pair to the source furthest below its quota
+        best = max((s for s in names if take[s] < sizes[s]), key=lambda s: n * sizes[s] / total - take[s])
+        take[best] += 1
+    return take
+
+
+def _source_seed(seed: int, source: str) -> list[int]:
+    return [seed % 2**64, int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "little")]
+
+
+def split_pairs(ids: Sequence[str], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices) into `ids` (stored pair ids, "<source>/<id>"): n held-out pairs
+    spread over the sources in proportion to their sizes, at least one from each source where n allows,
+    drawn at random within each source. Deterministic for (ids, n, seed); both arrays sorted, disjoint,
+    together every index. A source's draw depends only on its own rows and the seed."""
+    if not 0 <= n < len(ids):
+        raise HeldoutError(f"train.heldout_size={n}: must be at least 0 and below the {len(ids)} pairs")
+    rows: dict[str, list[int]] = defaultdict(list)
+    for i, stored in enumerate(ids):
+        try:
+            rows[source_of(stored)].append(i)
+        except ValueError as e:
+            raise HeldoutError(f"{e}: convert the data again with this version of `cafe convert`") from None
+    held = [
+        np.random.default_rng(_source_seed(seed, s)).choice(np.asarray(rows[s]), size=k, replace=False)
+        for s, k in _shares({s: len(r) for s, r in rows.items()}, n).items() if k
+    ]
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    train = np.ones(len(ids), dtype=bool)
+    train[held_idx] = False
+    return np.flatnonzero(train).astype(np.int64), held_idx.astype(np.int64)
 
 
 def from_pairs(rows: list[dict]) -> Heldout:

@@ -39,13 +39,14 @@ from cafe_core.loss import JointLoss
 from cafe_core.model.build import build, save
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.joint import CafeModel
-from cafe_core.ports import free_port
 from cafe_core.storage import Storage
 from cafe_core.train import heldout as heldout_eval
 from cafe_core.train.checkpoint import Checkpoints, json_lines, read_json_lines
 from cafe_core.train.data import BatchOrder, BatchPlan, DataError, PairShards
+from cafe_core.train.distributed import init_process_group, process_group_backend, sum_over_ranks, training_device
 from cafe_core.train.preflight import compatibility, preflight
 from cafe_core.train.schedule import cosine_with_warmup
+from cafe_core.train.step import OptimizerStep
 from cafe_core.uris import join
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
@@ -97,19 +98,18 @@ class Trainer:
         self._setup_model()
         self._setup_engine()
         self._resume()
+        self.optimizer_step = OptimizerStep(self.engine, self.model.loss, self.device, self.t.contrastive_batch,
+                                            self._log_scale)
 
     def _setup_distributed(self) -> None:
         deepspeed = import_deepspeed()
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = training_device(self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if not dist.is_initialized():
-            if "WORLD_SIZE" not in os.environ:  # a plain single process: a world of one on loopback
-                os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=str(free_port()))
-            deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        backend = process_group_backend(self.device, self.t.dist_backend)
+        self.rank, self.world = init_process_group(self.device, backend)
+        deepspeed.init_distributed(dist_backend=backend)  # adopts the group made above
 
     def _setup_data(self) -> None:
         self.plan = BatchPlan(self.t.global_batch_size, self.t.grad_accum, self.world)
@@ -172,7 +172,7 @@ class Trainer:
                 out.append({"name": name, "params": unique, "lr": lr, "weight_decay": o.weight_decay})
         loss_params = list(self.model.loss.parameters())
         if loss_params:
-            out.append({"name": "temperature", "params": loss_params, "lr": o.lr_llm, "weight_decay": 0.0})
+            out.append({"name": "temperature", "params": loss_params, "lr": o.lr_temperature, "weight_decay": 0.0})
         return out  # preflight made sure something trains
 
     def _setup_engine(self) -> None:
@@ -209,17 +209,12 @@ class Trainer:
         window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
         batches = self._batches()
         while self.step < self.total_steps:
-            parts = None
-            for _ in range(self.t.grad_accum):
-                n_rows, batch = next(batches)
-                parts = self.engine(batch.to(self.device))
-                self.engine.backward(parts["loss"])
-                self.engine.step()
-                window_samples += n_rows
-                window_tokens += batch.num_tokens()
+            micro = [next(batches) for _ in range(self.t.grad_accum)]
+            record = {"step": self.step + 1, **self.optimizer_step([batch.to(self.device) for _, batch in micro])}
+            window_samples += sum(n_rows for n_rows, _ in micro)
+            window_tokens += sum(batch.num_tokens() for _, batch in micro)
             self.step += 1
             bar.update(1)
-            record = {"step": self.step, **self._mean_over_ranks({k: float(v.detach()) for k, v in parts.items()})}
             if self.step % self.t.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 record.update(self._throughput(window_samples, window_tokens, elapsed))
@@ -264,20 +259,21 @@ class Trainer:
         )
         return len(rows), batch
 
-    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(list(values.values()), dtype=torch.float64)
-        dist.all_reduce(t)
-        return dict(zip(values, (t / self.world).tolist()))
+    def _log_scale(self) -> torch.Tensor:
+        """The InfoNCE logit scale's current value, whole even where ZeRO-3 partitions parameters."""
+        log_scale = self.model.loss.infonce.log_scale
+        if self.t.zero_stage == 3 and isinstance(log_scale, torch.nn.Parameter):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([log_scale]):
+                return log_scale.detach().clone()
+        return log_scale.detach()
 
     def _throughput(self, samples: int, tokens: int, seconds: float) -> dict[str, float]:
         lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}
-        sums = torch.tensor([samples, tokens], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(sums)
+        total_samples, total_tokens = sum_over_ranks([samples, tokens], self.device)
         out = {"lr": self.optimizer.param_groups[0]["lr"], **lrs,
-               "samples_per_s": float(sums[0]) / seconds, "tokens_per_s": float(sums[1]) / seconds}
+               "samples_per_s": total_samples / seconds, "tokens_per_s": total_tokens / seconds}
         peak = self.t.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if self.device.type == "cuda" else None)
         if peak:
             # nanoGPT-style estimate: 6 FLOPs per parameter per token (forward + backward).
