@@ -284,6 +284,13 @@ class CacheConfig(Strict):
     dir: str = ".cafe/cache"  # relative to the working directory; in a cluster mount a node-local volume here
     max_gb: float = Field(100.0, gt=0)  # GiB; least recently used shards not in use are evicted to stay below
 
+    @field_validator("dir")
+    @classmethod
+    def _local_dir(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError(f"{v!r}: the cache is a local folder (a node-local volume in a cluster), not a URI")
+        return v
+
 
 class TrainConfig(Strict):
     """`cafe train`: CAFe fine-tuning under torchrun + DeepSpeed."""

@@ -84,8 +84,12 @@ class InfoNCE(nn.Module):
     def logit_scale(self, log_scale: Tensor | None = None) -> Tensor:
         """exp(log_scale), clamped if learnable; `log_scale` stands in for the module's own (gradient
         caching differentiates a detached copy, outside any module call)."""
-        scale = (self.log_scale if log_scale is None else log_scale).float().exp()
-        return scale.clamp(max=MAX_LOGIT_SCALE) if self.learnable else scale
+        log_scale = (self.log_scale if log_scale is None else log_scale).float()
+        if self.learnable:
+            # The value is clamped but the gradient passes (straight through): a learnt scale that went past
+            # the clamp is still pulled back when the loss wants it lower, instead of freezing there.
+            log_scale = log_scale - (log_scale - math.log(MAX_LOGIT_SCALE)).clamp(min=0).detach()
+        return log_scale.exp()
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return info_nce(a, b, self.logit_scale())

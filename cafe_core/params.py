@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cafe_core.config import CafeConfig, ConfigError, load_config
+from cafe_core.config import TEMPERATURE_RANGE, CafeConfig, ConfigError, load_config
 from cafe_core.layout import RunLayout
 
 BASE_IMAGE = "cafe-base:latest"  # images/base: every pipeline task
@@ -30,7 +30,8 @@ class _Params(BaseModel):
     model_preset: str = Field("tiny", description="tiny | llava-onevision-qwen2-0.5b-si | ...-7b-si")
     model_checkpoint: str = Field("", description="a Hugging Face folder (s3:// or path); replaces model_preset")
     a_con: float = Field(10.0, ge=0, description="weight of the contrastive loss")
-    temperature: float = Field(0.05, gt=0)
+    temperature: float = Field(0.05, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1],
+                               description="InfoNCE temperature (fixed, or the learnable one's start)")
     max_steps: int = Field(400, ge=0, description="optimizer steps; 0: the base file's (train.epochs)")
     train_mode: Literal["cluster", "local"] = Field(
         "cluster", description="cluster: a training job of nodes x gpus_per_node; local: torchrun in the step")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import threading
 import time
 from pathlib import Path
@@ -208,6 +207,17 @@ def test_a_lower_limit_trims_at_start(tmp_path):
         time.sleep(0.01)
     NodeCache(tmp_path / "cache", CountingStorage(), max_bytes=250)
     assert cached(cache) == {blobs[2][1], blobs[3][1]}
+
+
+def test_configured_by_train_cache(tmp_path):
+    from cafe_core.config import ConfigError, TrainConfig, load_config
+
+    cfg = load_config(None, [f"train.cache.dir={tmp_path / 'c'}", "train.cache.max_gb=0.5"])
+    cache = NodeCache.from_config(cfg.train.cache, Storage())
+    assert (cache.folder, cache.max_bytes, cache.setting) == (tmp_path / "c", 1 << 29, "train.cache.max_gb")
+    assert TrainConfig().cache.dir == ".cafe/cache"
+    with pytest.raises(ConfigError, match="train.cache.dir: .*a local folder"):
+        load_config(None, ["train.cache.dir=s3://b/cache"])
 
 
 # --- ranks: processes sharing a node's cache ---------------------------------------------------------

@@ -112,11 +112,15 @@ def test_micro_contrastive_batch_is_each_micro_steps_own(train_data, tmp_path, c
     """contrastive_batch=micro: InfoNCE over 4 pairs per micro-step, not 8: a different contrastive loss at
     step 1 (the model is the same), the same token-normalised LM loss."""
     out = tmp_path / "micro"
-    extra = ["train.grad_accum=2", "train.contrastive_batch=micro", "train.max_steps=1"]
+    extra = ["train.grad_accum=2", "train.contrastive_batch=micro", "train.max_steps=2",
+             # ZeRO-2 (DeepSpeed broadcasts every parameter at start) with a learnable temperature, logged
+             "train.loss.learnable_temperature=true", "train.optim.lr_temperature=0.05"]
     assert cafe_main("train", *train_args(train_data, out, *GOLDEN_ARGS, *extra)) == 0, capsys.readouterr().err[-3000:]
-    [(_, loss, lm, con)] = losses(out)
+    (_, loss, lm, con), _ = losses(out)
     assert lm == pytest.approx(GOLDEN[0][2], **GOLDEN_TOL)
     assert con < GOLDEN[0][3] - 0.3  # fewer negatives: nearer log(4) than log(8)
+    first, second = (m["temperature"] for m in metrics(out))
+    assert first != pytest.approx(0.05, rel=1e-3) and second != pytest.approx(first, rel=1e-3)  # it learns
 
 
 @pytest.mark.slow

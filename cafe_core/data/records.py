@@ -46,7 +46,8 @@ MALFORMED_RECORD = "malformed_record"
 
 REJECT_REASONS = (
     MISSING_ID, HOSTILE_ID, DUPLICATE_ID, MISSING_IMAGE, EMPTY_IMAGE, IMAGE_FILE_MISSING,
-    IMAGE_PATH_OUTSIDE_FOLDER, MULTI_IMAGE, MISPLACED_IMAGE, CHAT_CONTROL_TOKEN, CORRUPT_IMAGE, TRUNCATED_IMAGE, DECOMPRESSION_BOMB,
+    IMAGE_PATH_OUTSIDE_FOLDER, MULTI_IMAGE, MISPLACED_IMAGE, CHAT_CONTROL_TOKEN, CORRUPT_IMAGE, TRUNCATED_IMAGE,
+    DECOMPRESSION_BOMB,
     UNSUPPORTED_MODE, IMAGE_TOO_SMALL, MISSING_CONVERSATIONS, MALFORMED_CONVERSATIONS, NO_GPT_TURN,
     EMPTY_CAPTION, CAPTION_TOO_LONG, MALFORMED_RECORD,
 )
@@ -164,7 +165,9 @@ def parse_conversations(conv: Any) -> list[dict[str, str]]:
 def check_no_control_tokens(text: str, where: str) -> None:
     found = _CONTROL.search(text)
     if found:
-        raise Reject(CHAT_CONTROL_TOKEN, f"{where} holds {found.group()!r}, which the tokenizer reads as chat structure")
+        raise Reject(
+            CHAT_CONTROL_TOKEN, f"{where} holds {found.group()!r}, which the tokenizer reads as chat structure"
+        )
 
 
 def check_image_placement(turns: list[dict[str, str]]) -> None:
@@ -255,5 +258,8 @@ def to_pair(rec: RawRecord, limits: Limits, read_image=None) -> Outcome:
         info = inspect_image(data, limits)
     except Reject as r:
         return Outcome(source=rec.source, id=shown_id, reason=r.reason, detail=r.detail)
-    row = {"id": pair_id(rec.source, rid), "source": rec.source, "image": data, **info, "caption": caption, "conversations": turns}
+    row = {
+        "id": pair_id(rec.source, rid), "source": rec.source, "image": data, **info, "caption": caption,
+        "conversations": turns,
+    }
     return Outcome(source=rec.source, id=rid, row=row)

@@ -211,6 +211,8 @@ class Trainer:
         while self.step < self.total_steps:
             micro = [next(batches) for _ in range(self.t.grad_accum)]
             record = {"step": self.step + 1, **self.optimizer_step([batch.to(self.device) for _, batch in micro])}
+            if self.model.loss.infonce.learnable:
+                record["temperature"] = 1.0 / float(self.model.loss.infonce.logit_scale(self._log_scale()))
             window_samples += sum(n_rows for n_rows, _ in micro)
             window_tokens += sum(batch.num_tokens() for _, batch in micro)
             self.step += 1
