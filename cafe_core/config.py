@@ -296,7 +296,7 @@ class TrainConfig(Strict):
     """`cafe train`: CAFe fine-tuning under torchrun + DeepSpeed."""
 
     data: str = TEMPLATE.convert
-    # In-training retrieval accuracy: "pairs" holds out the last heldout_size pairs of the training data
+    # In-training retrieval accuracy: "pairs" holds out heldout_size pairs drawn from every source of the data
     # (same distribution, never trained on); a URI names a retrieval set (image + caption list parquet).
     heldout: str | None = "pairs"
     output: str = TEMPLATE.train

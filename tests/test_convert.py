@@ -380,6 +380,15 @@ def test_hostile_records_are_rejected_and_training_builds_every_accepted_one(tmp
     ids = [r["id"] for r in kept]
     assert {f"{src}/{rid}" for src in "ab" for rid in shared} <= set(ids) and len(ids) == len(set(ids))
     assert all(r["id"] == f"{r['source']}/{r['id'].split('/', 1)[1]}" for r in kept)
+    # Training reads every row's source from the manifest (no download) to draw held-out pairs from each.
+    from cafe_core.train.data import PairShards
+    from cafe_core.train.heldout import split_by_source
+
+    shards = PairShards(Storage(), result.output, tmp_path / "cache")
+    sources = shards.sources()
+    assert list(sources) == [r["source"] for r in kept] and not list((tmp_path / "cache").iterdir())
+    train, held = split_by_source(sources, 2, seed=0)
+    assert sorted(sources[held]) == ["a", "b"] and len(train) == len(kept) - 2
 
     import torch
 

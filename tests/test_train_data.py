@@ -161,6 +161,7 @@ def test_shards_of_a_dataset_without_row_counts_are_still_read(tmp_path):
     shards = PairShards(store, prefix, tmp_path / "cache")  # a folder: an unlimited cache there
     assert len(shards) == 15 and len(store.downloads) == 3
     assert [r["id"] for r in shards.rows(range(15))] == _all_rows(tmp_path)
+    assert list(shards.sources()) == ["shapes"] * 15  # from the ids, without a source_runs record
     assert len(store.downloads) == 3
 
 

@@ -11,7 +11,8 @@ Output under `data.output`, committed by its manifest:
     rejects.jsonl                 one line per rejected record: id (as found), source, reason, detail
     stats.json                    input = accepted + rejected + deduped, per reason and per source
     config.yaml                   the resolved configuration
-    _MANIFEST.json meta           the counts above and shard_rows (rows of each shard, read by training)
+    _MANIFEST.json meta           the counts above, shard_rows (rows of each shard) and source_runs ([source,
+                                  rows] of consecutive rows), read by training
 """
 
 from __future__ import annotations
@@ -217,6 +218,7 @@ def convert(cfg: DataConfig, store: Storage, config_yaml: str, progress: bool | 
     tally = Tally()
     seen_ids: set[str] = set()  # stored ids, "<source>/<id>": a repeat can only come from the same source
     seen_content: set[bytes] = set()
+    source_runs: list[list] = []  # [source, rows] of consecutive accepted rows, in row order
     out = OutputWriter(store, cfg.output, kind="pairs")
     with tempfile.TemporaryDirectory(prefix="cafe-convert-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -252,6 +254,10 @@ def convert(cfg: DataConfig, store: Storage, config_yaml: str, progress: bool | 
                             seen_content.add(key)
                             tally.accepted[o.source] += 1
                             shards.add(o.row)
+                            if source_runs and source_runs[-1][0] == o.source:
+                                source_runs[-1][1] += 1
+                            else:
+                                source_runs.append([o.source, 1])
                 bar.update(len(outcomes))
         shards.close()
         totals = tally.totals()
@@ -280,8 +286,9 @@ def convert(cfg: DataConfig, store: Storage, config_yaml: str, progress: bool | 
             error = RejectLimitExceeded if n else ConvertError
             raise error(f"{failure}; nothing was committed. See {out.uri('rejects.jsonl')} and {out.uri('stats.json')}")
         meta = {k: stats[k] for k in ("input", "accepted", "rejected", "deduped", "shards")}
-        # Rows per shard: training maps global row indices to shards without downloading them first.
-        manifest = out.commit(meta={**meta, "shard_rows": shards.counts})
+        # Rows per shard and the source of every row: training maps row indices to shards and draws its
+        # held-out pairs from every source without downloading the shards first.
+        manifest = out.commit(meta={**meta, R.SHARD_ROWS: shards.counts, R.SOURCE_RUNS: source_runs})
     return ConvertResult(output=out.prefix, stats=stats, manifest=manifest)
 
 

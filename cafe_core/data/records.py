@@ -22,6 +22,10 @@ from PIL import Image, UnidentifiedImageError
 from cafe_core.prompts import ENDOFTEXT, IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN
 
 # Reject reasons: stable names, counted in stats.json and written to rejects.jsonl.
+# Manifest meta of a converted dataset that training reads (so it need not download shards to plan).
+SHARD_ROWS = "shard_rows"  # shard name -> rows
+SOURCE_RUNS = "source_runs"  # [[source, rows], ...] of consecutive rows, in row order
+
 MISSING_ID = "missing_id"
 HOSTILE_ID = "hostile_id"
 DUPLICATE_ID = "duplicate_id"

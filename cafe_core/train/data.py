@@ -19,13 +19,13 @@ import pyarrow.parquet as pq
 
 from cafe_core.cache import NodeCache
 from cafe_core.commit import read_manifest
+from cafe_core.data.records import SHARD_ROWS, SOURCE_RUNS, source_of
 from cafe_core.errors import BadInput
 from cafe_core.storage import Storage
 from cafe_core.uris import join
 
 COLUMNS = ["id", "image", "caption", "conversations"]
 ROW_GROUP_CACHE = 8
-SHARD_ROWS = "shard_rows"  # manifest meta of `cafe convert`: shard name -> rows
 
 
 class DataError(BadInput, ValueError):
@@ -99,11 +99,28 @@ class PairShards:
         self._rows = [int(counts[e.name]) for e in self.entries]
         self._shard_starts = np.cumsum([0] + self._rows)
         self.n_rows = int(self._shard_starts[-1])
+        self._source_runs = manifest.meta.get(SOURCE_RUNS)
         self._meta: dict[int, tuple[pq.FileMetaData, np.ndarray]] = {}  # shard -> footer, row-group starts
         self._cache: OrderedDict[tuple[int, int], list[dict]] = OrderedDict()
 
     def __len__(self) -> int:
         return self.n_rows
+
+    def sources(self) -> np.ndarray:
+        """The source of every row, from the manifest (a dataset written before it recorded them: from the
+        rows' ids, which fetches every shard)."""
+        runs = self._source_runs
+        if isinstance(runs, list) and sum(n for _, n in runs) == self.n_rows:
+            return np.repeat([name for name, _ in runs], [n for _, n in runs])
+        ids = [row["id"] for fi in range(len(self.entries)) for row in self._ids(fi)]
+        try:
+            return np.array([source_of(i) for i in ids])
+        except ValueError as e:
+            raise DataError(f"{self.prefix}: {e}; convert the data again with this version of `cafe convert`") from None
+
+    def _ids(self, fi: int) -> list[dict]:
+        with self._use(fi) as path:
+            return pq.read_table(path, columns=["id"]).to_pylist()
 
     def _use(self, fi: int):
         e = self.entries[fi]

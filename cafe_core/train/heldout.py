@@ -54,24 +54,30 @@ def _source_seed(seed: int, source: str) -> list[int]:
 
 
 def split_pairs(ids: Sequence[str], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, held-out indices) into `ids` (stored pair ids, "<source>/<id>"): n held-out pairs
-    spread over the sources in proportion to their sizes, at least one from each source where n allows,
-    drawn at random within each source. Deterministic for (ids, n, seed); both arrays sorted, disjoint,
+    """split_by_source over the sources named by stored pair ids ("<source>/<id>")."""
+    try:
+        sources = [source_of(stored) for stored in ids]
+    except ValueError as e:
+        raise HeldoutError(f"{e}: convert the data again with this version of `cafe convert`") from None
+    return split_by_source(sources, n, seed)
+
+
+def split_by_source(sources: Sequence[str], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, held-out indices) of rows whose sources are `sources`: n held-out rows spread over
+    the sources in proportion to their sizes, at least one from each source where n allows, drawn at
+    random within each source. Deterministic for (sources, n, seed); both arrays sorted, disjoint,
     together every index. A source's draw depends only on its own rows and the seed."""
-    if not 0 <= n < len(ids):
-        raise HeldoutError(f"train.heldout_size={n}: must be at least 0 and below the {len(ids)} pairs")
+    if not 0 <= n < len(sources):
+        raise HeldoutError(f"train.heldout_size={n}: must be at least 0 and below the {len(sources)} pairs")
     rows: dict[str, list[int]] = defaultdict(list)
-    for i, stored in enumerate(ids):
-        try:
-            rows[source_of(stored)].append(i)
-        except ValueError as e:
-            raise HeldoutError(f"{e}: convert the data again with this version of `cafe convert`") from None
+    for i, source in enumerate(sources):
+        rows[str(source)].append(i)
     held = [
         np.random.default_rng(_source_seed(seed, s)).choice(np.asarray(rows[s]), size=k, replace=False)
         for s, k in _shares({s: len(r) for s, r in rows.items()}, n).items() if k
     ]
     held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
-    train = np.ones(len(ids), dtype=bool)
+    train = np.ones(len(sources), dtype=bool)
     train[held_idx] = False
     return np.flatnonzero(train).astype(np.int64), held_idx.astype(np.int64)
 

@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -29,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from cafe_core.cache import NodeCache
 from cafe_core.commit import OutputWriter
 from cafe_core.config import CafeConfig, ConfigError
 from cafe_core.loss import JointLoss
@@ -113,20 +114,20 @@ class Trainer:
 
     def _setup_data(self) -> None:
         self.plan = BatchPlan(self.t.global_batch_size, self.t.grad_accum, self.world)
-        # A private local copy of the shards for this process, removed in cleanup().
-        self._data_dir = tempfile.mkdtemp(prefix=f"cafe-data-rank{self.rank}-")
-        self.shards = PairShards(self.store, self.t.data, self._data_dir)
-        n_train = len(self.shards)
+        # Shards are fetched when first needed, once per node, into the cache the node's ranks share.
+        self.shards = PairShards(self.store, self.t.data, NodeCache.from_config(self.t.cache, self.store))
+        self.train_rows = np.arange(len(self.shards))
         self.heldout = None
         if self.t.heldout == "pairs":
             if len(self.shards) < 2 * self.t.heldout_size:
                 raise DataError(f"{len(self.shards)} pairs cannot spare train.heldout_size={self.t.heldout_size} "
                                 "for held-out accuracy; lower it or set train.heldout=null")
-            n_train -= self.t.heldout_size  # the last pairs are never trained on
-            self.heldout = heldout_eval.from_pairs(self.shards.rows(range(n_train, len(self.shards))))
+            # Drawn from every source, never trained on; the batch order runs over the rest.
+            self.train_rows, held = heldout_eval.split_by_source(self.shards.sources(), self.t.heldout_size, self.t.seed)
+            self.heldout = heldout_eval.from_pairs(self.shards.rows(held))
         elif self.t.heldout:
             self.heldout = heldout_eval.load(self.store, self.t.heldout, self.t.heldout_size)
-        self.order = BatchOrder(n_train, self.t.global_batch_size, self.t.seed)
+        self.order = BatchOrder(len(self.train_rows), self.t.global_batch_size, self.t.seed)
         self.total_steps = self.order.total_steps(self.t.epochs, self.t.max_steps)
 
     def _setup_model(self) -> None:
@@ -253,7 +254,7 @@ class Trainer:
                 yield ready
 
     def _build_batch(self, builder: InputBuilder, step: int, micro: int):
-        rows = self.shards.rows(self.plan.rows(self.order.batch(step), micro, self.rank))
+        rows = self.shards.rows(self.train_rows[self.plan.rows(self.order.batch(step), micro, self.rank)])
         batch = builder.pairs_batch(
             [r["image"] for r in rows], [r["caption"] for r in rows],
             [r["conversations"] for r in rows] if self.model.loss.uses_lm else None,
@@ -328,9 +329,8 @@ class Trainer:
             tqdm.write(text)
 
     def cleanup(self) -> None:
-        """Local files and the process group go, whatever happened (no barrier: a failed rank may be gone)."""
-        if getattr(self, "_data_dir", None):
-            shutil.rmtree(self._data_dir, ignore_errors=True)
+        """The process group goes, whatever happened (no barrier: a failed rank may be gone). The data cache
+        stays: the node's other ranks and later runs share it."""
         if dist.is_initialized():
             dist.destroy_process_group()
 
