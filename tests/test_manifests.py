@@ -182,6 +182,8 @@ def test_two_nodes_of_eight_gpus(job_schema):
                 "name": "cafe-s3", "key": key, **({"optional": True} if S3_KEYS[key] else {})}
         assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
         assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}} in pod["volumes"]
+        assert {"name": "cafe-cache", "mountPath": "/var/cache/cafe"} in container["volumeMounts"]
+        assert {"name": "cafe-cache", "emptyDir": {}} in pod["volumes"]  # on the node's disk, shared by its ranks
         assert pod["automountServiceAccountToken"] is False
 
 

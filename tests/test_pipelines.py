@@ -194,8 +194,11 @@ def test_cluster_training_step_launches_a_job_that_runs_cafe_train_on_the_run_co
     assert (spec.image, spec.nodes, spec.gpus_per_node, spec.namespace, spec.s3_secret) == (
         "registry/cafe-train:1", 2, 8, "ml", "cafe-s3")
     assert spec.name == job_name("8f3c-RUN_1")
-    assert spec.argv[-2:] == ["--config", "env:CAFE_CONFIG_YAML"] and spec.env["CAFE_CONFIG_YAML"] == run_config
+    assert spec.argv[-2:] == ["--config", "env:CAFE_CONFIG_YAML"]
     monkeypatch.setenv("CAFE_CONFIG_YAML", spec.env["CAFE_CONFIG_YAML"])
     replica = load_config("env:CAFE_CONFIG_YAML")  # what every replica's `cafe train` reads
+    # The run's configuration, with the caches on the pod's node-local volume (shared by its 8 ranks).
+    assert (replica.train.cache.dir, replica.model.cache_dir) == ("/var/cache/cafe/data", "/var/cache/cafe/models")
+    replica.train.cache.dir, replica.model.cache_dir = cfg.train.cache.dir, cfg.model.cache_dir
     assert replica == config_of(run_config) and replica.train.nproc_per_node == 8
     assert result.uri.endswith("/train/final") and result.meta["steps"] == 5 and result.meta["heldout/i2t_top1"] == 0.5

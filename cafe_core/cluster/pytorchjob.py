@@ -30,6 +30,7 @@ PORT_NAME, PORT = "pytorchjob-port", 23456  # the operator's default name and po
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # set by the operator on every pod of a job
 SPEC_DIGEST = "cafe/spec-digest"  # annotation: tells a retried step's own job from a stranger of the same name
 MAX_NAME = 48  # pods are "<name>-worker-<i>" and their hostnames must stay within 63 characters
+CACHE_MOUNT = "/var/cache/cafe"  # a node-local emptyDir: the data shards and model the pod's ranks share
 S3_SECRET = "cafe-s3"  # the Secret with the S3 keys (manifests/base/s3-secret.template.yaml)
 S3_KEYS = {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "AWS_ENDPOINT_URL": True}  # key: optional
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -98,6 +99,10 @@ class TrainingJobSpec(BaseModel):
     cpu_limit: str | None = None
     memory_limit: str | None = None
     shm_size: str = "8Gi"  # /dev/shm (a memory emptyDir) for NCCL and DataLoader workers
+    # The pod's cache volume at CACHE_MOUNT (an emptyDir on the node's disk); None: no size limit of its own
+    # (the kubelet evicts a pod whose emptyDir passes its limit, so a limit must exceed train.cache.max_gb
+    # plus the model).
+    cache_size: str | None = None
     service_account: str | None = None  # the training pods' own; they need no Kubernetes API access
     node_selector: dict[str, str] = Field(default_factory=dict)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
@@ -146,7 +151,7 @@ class TrainingJobSpec(BaseModel):
                 raise ValueError(f"env {key} is set by the Training Operator for the rendezvous; remove it")
         return v
 
-    @field_validator("cpu_request", "memory_request", "cpu_limit", "memory_limit", "shm_size")
+    @field_validator("cpu_request", "memory_request", "cpu_limit", "memory_limit", "shm_size", "cache_size")
     @classmethod
     def _quantity(cls, v: str | None) -> str | None:
         if v is not None and not _QUANTITY.match(v):
@@ -250,7 +255,8 @@ def container_resources(spec: TrainingJobSpec) -> dict[str, Any]:
 
 
 def pod_spec(spec: TrainingJobSpec) -> dict[str, Any]:
-    """One replica's pod: the `pytorch` container, /dev/shm in memory, no API token (training needs none)."""
+    """One replica's pod: the `pytorch` container, /dev/shm in memory, a node-local cache volume, no API token
+    (training needs none)."""
     container = {
         "name": CONTAINER,
         "image": spec.image,
@@ -260,11 +266,14 @@ def pod_spec(spec: TrainingJobSpec) -> dict[str, Any]:
         "env": container_env(spec),
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "resources": container_resources(spec),
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "cafe-cache", "mountPath": CACHE_MOUNT}],
     }
     pod: dict[str, Any] = {
         "containers": [container],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}}],
+        "volumes": [
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
+            {"name": "cafe-cache", "emptyDir": {"sizeLimit": spec.cache_size} if spec.cache_size else {}},
+        ],
         "automountServiceAccountToken": False,
     }
     if spec.service_account:
