@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 ARGS   ?=
 
-.PHONY: run test test-fast venv constraints benchmarks clean
+.PHONY: run test test-fast venv constraints benchmarks gpu-wheels clean
 
 # The venv is rebuilt when the constraints or the package metadata change.
 $(STAMP): constraints.txt pyproject.toml
@@ -28,6 +28,13 @@ test-fast: $(STAMP)
 
 benchmarks: $(STAMP)
 	for b in convert train_step retrieval export pipeline_overhead; do $(PY) benchmarks/$$b.py || exit 1; done
+
+# The wheels the GPU acceptance check installs offline on a GPU machine (benchmarks/gpu_check.py --install):
+# everything it imports besides the machine's own torch, at constraints.txt's pins, for CPython $(GPU_PYTHON)
+# on manylinux x86_64, slimmed to under 60 MB (deepspeed, an sdist, is built here into a wheel).
+GPU_PYTHON ?= 3.11
+gpu-wheels: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --wheels gpu-wheels --python-version $(GPU_PYTHON)
 
 # Re-resolve exact versions after changing dependencies (then commit constraints.txt).
 constraints:

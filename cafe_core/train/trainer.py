@@ -277,6 +277,8 @@ class Trainer:
         total_samples, total_tokens = sum_over_ranks([samples, tokens], self.device)
         out = {"lr": self.optimizer.param_groups[0]["lr"], **lrs,
                "samples_per_s": total_samples / seconds, "tokens_per_s": total_tokens / seconds}
+        if self.device.type == "cuda":
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         peak = self.t.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if self.device.type == "cuda" else None)
         if peak:
             # nanoGPT-style estimate: 6 FLOPs per parameter per token (forward + backward).
