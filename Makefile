@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 benchmarks: $(STAMP)
-	for b in convert train_step retrieval export pipeline_overhead; do $(PY) benchmarks/$$b.py || exit 1; done
+	for b in convert train_step contrastive_batch node_cache retrieval export pipeline_overhead; do $(PY) benchmarks/$$b.py || exit 1; done
 
 # The wheels the GPU acceptance check installs offline on a GPU machine (benchmarks/gpu_check.py --install):
 # everything it imports besides the machine's own torch, at constraints.txt's pins, for CPython $(GPU_PYTHON)
