@@ -53,6 +53,26 @@ def global_sum(x: Tensor) -> Tensor:
     return x
 
 
+class _ClampTowardRange(torch.autograd.Function):
+    """min(x, high), with a gradient that can only bring x back: past the clamp, a gradient that would push
+    x further out is dropped and one that pulls it back passes. A plain clamp has no gradient there (a
+    learnt scale past it freezes); a straight-through one lets the parameter drift on unseen while the
+    loss wants sharper logits (open_clip clamps the parameter in place instead, which DeepSpeed's fp32
+    master copy would undo)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, high: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.high = high
+        return x.clamp(max=high)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        # Gradient descent moves x by -grad: grad < 0 past the clamp would move it further out.
+        return torch.where((x > ctx.high) & (grad < 0), torch.zeros_like(grad), grad), None
+
+
 class InfoNCE(nn.Module):
     """Symmetric InfoNCE over the global batch: mean of CE(a->b) and CE(b->a), logits in fp32.
 
@@ -86,9 +106,7 @@ class InfoNCE(nn.Module):
         caching differentiates a detached copy, outside any module call)."""
         log_scale = (self.log_scale if log_scale is None else log_scale).float()
         if self.learnable:
-            # The value is clamped but the gradient passes (straight through): a learnt scale that went past
-            # the clamp is still pulled back when the loss wants it lower, instead of freezing there.
-            log_scale = log_scale - (log_scale - math.log(MAX_LOGIT_SCALE)).clamp(min=0).detach()
+            log_scale = _ClampTowardRange.apply(log_scale, math.log(MAX_LOGIT_SCALE))
         return log_scale.exp()
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:

@@ -91,9 +91,14 @@ def test_learnable_temperature_is_clamped_at_0_01():
     assert out.item() == pytest.approx(math.log1p(math.exp(-100 * (C - S))), abs=2e-5)
     assert loss.temperature == pytest.approx(0.01)  # the temperature in use, not 0.001
     out.backward()
-    # Straight through the clamp: the gradient at scale 100, so a scale past it can come back down.
-    margin = 100 * (C - S)
-    assert loss.log_scale.grad.item() == pytest.approx(-margin / (1 + math.exp(margin)), rel=1e-3)
+    # Past the clamp, a gradient that would push the scale further out is dropped (here the loss wants
+    # sharper logits: no drift)...
+    assert loss.log_scale.grad.item() == 0.0
+    # ...and one that pulls it back passes: with the pairs mismatched the loss wants softer logits.
+    loss.log_scale.grad = None
+    loss(EYE, NEAR.flip(0)).backward()
+    margin = 100 * (C - S)  # the matching pair now scores S, the other C
+    assert loss.log_scale.grad.item() == pytest.approx(margin / (1 + math.exp(-margin)), rel=1e-3)
 
 
 def test_learnable_temperature_learns_at_its_own_rate():

@@ -35,6 +35,9 @@ class ToyBatch:
     tokens: torch.Tensor
     targets: torch.Tensor
 
+    def to(self, device):
+        return self
+
 
 class ToyCafe(CafeModel):
     """CafeModel's forward and loss over linear stand-ins for the LLaVA parts."""

@@ -163,6 +163,8 @@ def test_golden_six_steps_and_resume_in_process(train_data, tmp_path, cafe_main,
         (["train.data=s3://cafe/x", "s3.embedded=never", "s3.endpoint_url=http://127.0.0.1:9"], "unreachable"),
         (["train.parts.vision=false", "train.parts.projector=false", "train.parts.llm=false"], "nothing to train"),
         (["train.data=ROOT/runs/nothing/convert"], "runs/nothing/convert is not a committed output"),
+        (["train.cache.max_gb=0.00001"], "train.cache.max_gb=1e-05 is below the 0.00"),  # it would thrash
+        (["train.dist_backend=nccl", *ONE_PROCESS], "train.dist_backend='nccl' serves no cpu tensors"),
         # One process: the check needs the model's processor (with ~4 s of DeepSpeed imports if first to train).
         (["train.max_length=64", *ONE_PROCESS], "the largest image takes"),
     ],

@@ -5,6 +5,7 @@ of a multi-process run imports only this.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -27,7 +28,14 @@ def preflight(cfg: CafeConfig, store: Storage, world: int) -> str | None:
         raise ConfigError("train.parts freezes every part: nothing to train")
     store.check_reachable(t.data)
     BatchPlan(t.global_batch_size, t.grad_accum, world)
-    read_manifest(store, t.data)  # the converted pairs exist and are committed
+    manifest = read_manifest(store, t.data)  # the converted pairs exist and are committed
+    data_bytes = sum(e.size for e in manifest.entries if e.name.startswith("pairs/"))
+    if data_bytes > t.cache.max_gb * 2**30:
+        # Every epoch visits rows in a random order: a cache smaller than the data fetches a whole shard again
+        # for most rows, on every node, every step. Refuse rather than crawl.
+        raise ConfigError(f"train.cache.max_gb={t.cache.max_gb:g} is below the {data_bytes / 2**30:.2f} GiB of "
+                          f"training shards in {t.data}; raise it to at least {math.ceil(data_bytes / 2**30)} "
+                          f"(and give train.cache.dir a volume that size)")
     checkpoints = Checkpoints(store, join(t.output, "checkpoints"), t.keep_checkpoints)
     found = checkpoints.resolve(t.resume)
     if found is None:
@@ -38,4 +46,6 @@ def preflight(cfg: CafeConfig, store: Storage, world: int) -> str | None:
 
 def compatibility(cfg: CafeConfig, world: int) -> dict[str, Any]:
     """What a checkpoint must share with the run that resumes it."""
-    return {WORLD_SIZE: world, ZERO_STAGE: cfg.train.zero_stage, MODEL_DIGEST: cfg.model.model_dump_json()}
+    # Where a checkpoint is mirrored locally does not change the model (a cluster job moves it to its volume).
+    return {WORLD_SIZE: world, ZERO_STAGE: cfg.train.zero_stage,
+            MODEL_DIGEST: cfg.model.model_dump_json(exclude={"cache_dir"})}

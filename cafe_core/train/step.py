@@ -36,6 +36,7 @@ class OptimizerStep:
         self.log_scale = log_scale or (lambda: loss.infonce.log_scale.detach())
 
     def __call__(self, batches: Sequence[Batch]) -> dict[str, float]:
+        """One step over this rank's micro-batches, each moved to the device only for its own passes."""
         micro_steps = len(batches)
         step_tokens = None
         if self.loss.uses_lm:
@@ -44,7 +45,7 @@ class OptimizerStep:
         cached = self._cached_contrastive(batches) if self._caches(micro_steps) else [None] * micro_steps
         lm = con = 0.0
         for batch, share in zip(batches, cached):
-            parts = self.engine(batch, step_tokens=step_tokens, micro_steps=micro_steps, cached=share)
+            parts = self.engine(batch.to(self.device), step_tokens=step_tokens, micro_steps=micro_steps, cached=share)
             self.engine.backward(parts["loss"])
             self.engine.step()
             lm += float(parts["loss_lm"].detach()) / micro_steps if "loss_lm" in parts else 0.0
@@ -64,7 +65,7 @@ class OptimizerStep:
     def _cached_contrastive(self, batches: Sequence[Batch]) -> list[CachedContrastive]:
         """The step's InfoNCE and its gradients per micro-batch, from embeddings taken without gradient."""
         with torch.no_grad():
-            pairs = [self.engine(b, mode="pairs") for b in batches]
+            pairs = [self.engine(b.to(self.device), mode="pairs") for b in batches]
         sizes = [p["a"].shape[0] for p in pairs]
         a = torch.cat([p["a"] for p in pairs]).float().requires_grad_()
         b = torch.cat([p["b"] for p in pairs]).float().requires_grad_()

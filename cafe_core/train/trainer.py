@@ -26,6 +26,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -190,6 +191,8 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg, self.plan), dist_init_required=False,
+            # DeepSpeed would select cuda:LOCAL_RANK, which does not exist where ranks share a GPU.
+            args=SimpleNamespace(device_rank=self.device.index if self.device.type == "cuda" else self.local_rank),
         )
 
     def _resume(self) -> None:
@@ -211,7 +214,7 @@ class Trainer:
         batches = self._batches()
         while self.step < self.total_steps:
             micro = [next(batches) for _ in range(self.t.grad_accum)]
-            record = {"step": self.step + 1, **self.optimizer_step([batch.to(self.device) for _, batch in micro])}
+            record = {"step": self.step + 1, **self.optimizer_step([batch for _, batch in micro])}
             if self.model.loss.infonce.learnable:
                 record["temperature"] = 1.0 / float(self.model.loss.infonce.logit_scale(self._log_scale()))
             window_samples += sum(n_rows for n_rows, _ in micro)
