@@ -25,7 +25,7 @@ from cafe_core.cluster.jobs import (
     run_training_job,
     sigterm_exits,
 )
-from cafe_core.cluster.pytorchjob import JOB_NAME_LABEL, SPEC_DIGEST, TrainingJobSpec, pytorchjob
+from cafe_core.cluster.pytorchjob import JOB_NAME_LABEL, SPEC_DIGEST, PodOwner, TrainingJobSpec, pytorchjob
 
 NS = "ml"
 JOBS = "kubeflow.org/v1/pytorchjobs"
@@ -190,6 +190,55 @@ async def test_existing_job_of_a_retried_step_is_followed_not_recreated(cluster)
     assert cluster.job(spec.name).history[0]["metadata"]["uid"] == "from-the-first-attempt"  # not replaced
     assert outcome.state == "Succeeded" and not outcome.created
     assert any("already exists" in p and "following it" in p for p in printed)
+
+
+@pytest.mark.asyncio
+async def test_a_retried_step_deletes_its_failed_job_and_starts_afresh(cluster):
+    """KFP retries a failed train step: the same job name and spec, but the job of the first attempt Failed.
+    Following it would fail at once; the retry deletes it, waits until it is gone and creates a new one."""
+    spec = spec_for("cafe-train-again")
+    first = pytorchjob(spec)
+    first["metadata"]["uid"] = "first-attempt"
+    first["status"] = cond("Failed", "PyTorchJobFailed", "1 Master replica(s) failed.")
+    cluster.kmock.objects[JOBS, NS, spec.name] = first
+    printed: list[str] = []
+
+    fresh = [CREATED, RUNNING, cond("Succeeded", "PyTorchJobSucceeded", "done.")]
+
+    def operator_after_recreation(request):  # the operator runs the new job only
+        job = cluster.kmock.objects[JOBS, NS, spec.name]
+        if not job.deleted and job["metadata"].get("uid") != "first-attempt" and fresh:
+            job.patch({"status": fresh.pop(0)})
+        raise NotImplementedError  # matched, nothing to send: the emulator serves the stored job (or 404)
+
+    cluster.kmock["get", cluster.kmock.resource(JOBS), cluster.kmock.name(spec.name)] << operator_after_recreation
+
+    outcome = await cluster.run(spec, log=printed.append)
+
+    assert len(cluster.job_requests("post")) == 2  # 409, then the fresh job after the deletion
+    assert len(cluster.job_requests("delete")) >= 1
+    assert outcome.state == "Succeeded" and outcome.created
+    assert any("earlier attempt Failed (PyTorchJobFailed): deleting it and starting again" in p for p in printed)
+    assert rbac_needed(cluster.kmock) <= rbac_grants()
+
+
+@pytest.mark.asyncio
+async def test_a_followed_job_is_handed_to_the_retried_steps_pod(cluster):
+    """The running job of an earlier attempt is followed, and its owner becomes this step's pod: when the
+    earlier pod is cleaned up, the job does not go with it."""
+    owner = PodOwner(name="cafe-run-train-2", uid="uid-of-attempt-2", namespace=NS)
+    spec = spec_for("cafe-train-adopt", owner=owner)
+    earlier = pytorchjob(spec_for("cafe-train-adopt", owner=PodOwner(name="cafe-run-train-1", uid="u1", namespace=NS)))
+    earlier["status"] = RUNNING
+    cluster.kmock.objects[JOBS, NS, spec.name] = earlier
+    cluster.operate(spec.name, RUNNING, cond("Succeeded", "PyTorchJobSucceeded", "done."))
+
+    outcome = await cluster.run(spec, log=lambda _: None)
+
+    (patch,) = cluster.job_requests("patch")
+    assert patch.data == {"metadata": {"ownerReferences": [owner.reference()]}}
+    assert outcome.state == "Succeeded" and not outcome.created
+    assert rbac_needed(cluster.kmock) <= rbac_grants()
 
 
 @pytest.mark.asyncio

@@ -105,7 +105,7 @@ def test_role_grants_exactly_what_the_train_step_needs():
                for v in rule["verbs"]]
     assert len(granted) == len(set(granted))
     assert set(granted) == {
-        *(("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "delete")),
+        *(("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "patch", "delete")),
         *(("", "pods", v) for v in ("get", "list", "watch")),
         ("", "pods/log", "get"),
         *(("", "events", v) for v in ("list", "watch")),
@@ -155,6 +155,32 @@ def test_one_node_cpu_job(job_schema):
     assert not any(e["name"].startswith("NCCL") for e in container["env"])
 
 
+def test_the_job_is_owned_by_the_kfp_step_pod(job_schema, monkeypatch):
+    """KFP v2 sets KFP_POD_NAME / KFP_POD_UID in every step: the job names that pod as its owner, so that the
+    garbage collector deletes it with the step's pod; the digest ignores the owner (a retried step's pod is
+    another owner of the same job); an owner in another namespace is refused (it would count as absent)."""
+    from cafe_core.cluster.pytorchjob import PodOwner, kfp_step_owner, spec_digest
+
+    monkeypatch.delenv("KFP_POD_NAME", raising=False)
+    assert kfp_step_owner() is None  # outside a KFP step
+    monkeypatch.setenv("KFP_POD_NAME", "cafe-run-abc-train-123")
+    monkeypatch.setenv("KFP_POD_UID", "0b5c1a8e-7f3d-4c9e-9a51-3f7e1d2c4b6a")
+    monkeypatch.setenv("POD_NAMESPACE", "team-vision")
+    owner = kfp_step_owner()
+    assert owner == PodOwner(name="cafe-run-abc-train-123", uid="0b5c1a8e-7f3d-4c9e-9a51-3f7e1d2c4b6a",
+                             namespace="team-vision")
+    spec = dict(name="cafe-train-owned", namespace="team-vision", image="cafe:test", argv=ARGV)
+    job = pytorchjob(TrainingJobSpec(**spec, owner=owner))
+    assert_valid_job(job, job_schema)
+    assert job["metadata"]["ownerReferences"] == [{
+        "apiVersion": "v1", "kind": "Pod", "name": "cafe-run-abc-train-123",
+        "uid": "0b5c1a8e-7f3d-4c9e-9a51-3f7e1d2c4b6a", "controller": False, "blockOwnerDeletion": False}]
+    unowned = pytorchjob(TrainingJobSpec(**spec))
+    assert "ownerReferences" not in unowned["metadata"] and spec_digest(job) == spec_digest(unowned)
+    with pytest.raises(ValueError, match="an owner must share the job's namespace"):
+        TrainingJobSpec(**{**spec, "namespace": "kubeflow"}, owner=owner)
+
+
 def test_two_nodes_of_eight_gpus(job_schema):
     spec = TrainingJobSpec(name="cafe-train-gpu", namespace="ml", image="cafe:test", argv=ARGV, nodes=2,
                            gpus_per_node=8, env={"NCCL_DEBUG": "INFO", "HF_HOME": "/cache"},
@@ -164,7 +190,8 @@ def test_two_nodes_of_eight_gpus(job_schema):
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
     assert job["spec"]["nprocPerNode"] == "8"
-    assert job["spec"]["runPolicy"] == {"activeDeadlineSeconds": 7200, "backoffLimit": 1, "cleanPodPolicy": "Running"}
+    assert job["spec"]["runPolicy"] == {"activeDeadlineSeconds": 7200, "backoffLimit": 1, "cleanPodPolicy": "Running",
+                                         "ttlSecondsAfterFinished": 3 * 24 * 3600}  # Failed jobs go too
     assert job["metadata"]["labels"]["team"] == "vision"
     for replica in replicas.values():
         pod = replica["template"]["spec"]

@@ -14,7 +14,10 @@ this module is the Kubernetes client side.
 Kubernetes API calls made by run_training_job(), all in the job's namespace (manifests/base/role.yaml grants
 exactly these to the pipeline's ServiceAccount `cafe-pipeline`):
 
-    create  kubeflow.org pytorchjobs           once; HTTP 409 (a retried step) -> follow the existing job
+    create  kubeflow.org pytorchjobs           once; HTTP 409 (a retried step) -> the existing job of this spec:
+                                               Failed -> delete it, wait until it is gone, create again;
+                                               otherwise follow it
+    patch   kubeflow.org pytorchjobs/<name>    a followed job gets this step's pod as its owner
     get     kubeflow.org pytorchjobs/<name>    every poll: the job's conditions
     list    pods (labelSelector job-name)      every poll: scheduling / image / config problems, master phase
     get     pods/<name>-master-0/log           every poll once the master has started (best-effort)
@@ -129,6 +132,11 @@ class JobApi:
             if e.status == 404:
                 return None
             raise
+
+    def set_owner(self, references: list[dict[str, Any]]) -> None:
+        """Replace the job's ownerReferences (a merge patch replaces the list)."""
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.name,
+                                                   {"metadata": {"ownerReferences": references}})
 
     def delete(self) -> bool:
         """Delete the job (its pods and Services go with it); False when it was already gone."""
@@ -291,9 +299,12 @@ class MasterLog:
 # --- creating and following the job ------------------------------------------------------------------
 
 
-def create_job(api: JobApi, job: dict[str, Any], log: Callable[[str], Any]) -> bool:
-    """Create the job; True when created, False when the same job (same spec digest) already exists and will be
-    followed. A different job of the same name is an error: it is not ours to follow or delete."""
+def create_job(api: JobApi, job: dict[str, Any], log: Callable[[str], Any], gone_timeout: float = 120.0,
+               poll_seconds: float = 1.0) -> bool:
+    """Create the job; True when created. When the same job (same spec digest) already exists, a retried
+    step's: a Failed one is deleted and created again (True), any other is followed (False) and becomes this
+    step's (its owner is now this step's pod). A different job of the same name is an error: it is not ours
+    to follow or delete."""
     try:
         api.create(job)
         log(f"created PyTorchJob {api.namespace}/{api.name}")
@@ -315,6 +326,23 @@ def create_job(api: JobApi, job: dict[str, Any], log: Callable[[str], Any]) -> b
             f"{job['metadata']['annotations'][SPEC_DIGEST]}): delete it (kubectl delete pytorchjob {api.name} "
             f"-n {api.namespace}) or use another job name / run id"
         )
+    state = job_state(existing)
+    if state.type == "Failed":  # an earlier attempt of this step failed: this retry starts afresh
+        log(f"PyTorchJob {api.namespace}/{api.name} of an earlier attempt Failed ({state.reason or 'no reason'}): "
+            "deleting it and starting again (training resumes from its last checkpoint)")
+        api.delete()
+        deadline = time.monotonic() + gone_timeout
+        while api.get() is not None:
+            if time.monotonic() > deadline:
+                raise TrainingJobError(f"the Failed PyTorchJob {api.namespace}/{api.name} was not gone "
+                                       f"{gone_timeout:.0f} s after its deletion: run the step again")
+            time.sleep(poll_seconds)
+        api.create(job)
+        log(f"created PyTorchJob {api.namespace}/{api.name}")
+        return True
+    owners = (job.get("metadata") or {}).get("ownerReferences")
+    if owners and (existing.get("metadata") or {}).get("ownerReferences") != owners:
+        api.set_owner(owners)  # the earlier attempt's pod may go: the job must not go with it
     log(f"PyTorchJob {api.namespace}/{api.name} already exists with this spec (a retried step): following it")
     return False
 
@@ -460,7 +488,7 @@ def run_training_job(spec: TrainingJobSpec, api: kubernetes.client.ApiClient | N
     """
     client = JobApi(api or default_api_client(), spec.namespace, spec.name)
     with sigterm_exits():
-        created = create_job(client, pytorchjob(spec), log)
+        created = create_job(client, pytorchjob(spec), log, poll_seconds=poll_seconds)
         ending = "abandoned"
         outcome: JobOutcome | None = None
         try:

@@ -112,7 +112,13 @@ class TrainingJobSpec(BaseModel):
     # Delete the job at the end: always; on_success (and when run_training_job() gives up on a job that is
     # still alive: stuck, timed out, interrupted), keeping failed jobs for inspection; never.
     cleanup: Literal["always", "on_success", "never"] = "on_success"
+    # The operator deletes a finished job (and its pods) this long after it ends: a Failed job kept for
+    # inspection does not stay forever. None: kept until deleted.
+    ttl_seconds_after_finished: int | None = Field(3 * 24 * 3600, ge=0)
     labels: dict[str, str] = Field(default_factory=dict)  # on the job and its pods
+    # The pod that launches the job (the KFP step's, kfp_step_owner()): the job's owner, so that Kubernetes
+    # deletes it with the step's pod (a cancelled, evicted or garbage-collected step leaves no job holding GPUs).
+    owner: "PodOwner | None" = None
 
     @field_validator("name")
     @classmethod
@@ -167,10 +173,43 @@ class TrainingJobSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _owner_in_namespace(self) -> "TrainingJobSpec":
+        if self.owner is not None and self.owner.namespace != self.namespace:
+            raise ValueError(
+                f"the job's owner pod {self.owner.name} is in namespace {self.owner.namespace} and the job in "
+                f"{self.namespace}: an owner must share the job's namespace (create the job in "
+                f"{self.owner.namespace}, or launch without an owner)")
+        return self
+
+    @model_validator(mode="after")
     def _argv(self) -> "TrainingJobSpec":
         if self.argv[0] not in ("-m", "--module") and not self.argv[0].endswith(".py"):
             raise ValueError(f"argv must start with '-m MODULE' or a script path for torchrun, got {self.argv[0]!r}")
         return self
+
+
+class PodOwner(BaseModel):
+    """A pod, as an owner reference: in the job's own namespace (a reference across namespaces counts as an
+    absent owner, and the garbage collector would delete the job at once)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    uid: str
+    namespace: str
+
+    def reference(self) -> dict[str, Any]:
+        # blockOwnerDeletion false: setting it true needs delete rights on the pod (its finalizers).
+        return {"apiVersion": "v1", "kind": "Pod", "name": self.name, "uid": self.uid, "controller": False,
+                "blockOwnerDeletion": False}
+
+
+def kfp_step_owner() -> PodOwner | None:
+    """The KFP step's own pod, from the KFP_POD_NAME / KFP_POD_UID the KFP v2 backend sets in every step (and
+    the pod's namespace); None outside a KFP step."""
+    name, uid = os.environ.get("KFP_POD_NAME"), os.environ.get("KFP_POD_UID")
+    if not (name and uid):
+        return None
+    return PodOwner(name=name, uid=uid, namespace=current_namespace())
 
 
 def example_spec() -> TrainingJobSpec:
@@ -300,9 +339,11 @@ def replica_spec(spec: TrainingJobSpec, replicas: int) -> dict[str, Any]:
 
 
 def spec_digest(job: dict[str, Any]) -> str:
-    """A short hash of a job object without its digest annotation."""
+    """A short hash of a job object without its digest annotation and owner (a retried step's pod is another
+    owner of the same job)."""
     blob = json.loads(json.dumps(job))
     blob.get("metadata", {}).get("annotations", {}).pop(SPEC_DIGEST, None)
+    blob.get("metadata", {}).pop("ownerReferences", None)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -321,10 +362,14 @@ def pytorchjob(spec: TrainingJobSpec) -> dict[str, Any]:
                 "activeDeadlineSeconds": spec.active_deadline_seconds,
                 "backoffLimit": spec.backoff_limit,
                 "cleanPodPolicy": "Running",  # stop what still runs at the end; finished pods keep their logs
+                **({"ttlSecondsAfterFinished": spec.ttl_seconds_after_finished}
+                   if spec.ttl_seconds_after_finished is not None else {}),
             },
             "pytorchReplicaSpecs": replicas,
         },
     }
+    if spec.owner is not None:
+        job["metadata"]["ownerReferences"] = [spec.owner.reference()]
     job["metadata"]["annotations"] = {SPEC_DIGEST: spec_digest(job)}
     return job
 

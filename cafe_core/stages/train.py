@@ -59,15 +59,20 @@ def train_in_cluster(cfg: CafeConfig, store: Storage, image: str, nodes: int, gp
     """Train as a Training Operator PyTorchJob (Master + Workers), followed until it ends; fails when the
     job fails, times out or cannot be scheduled."""
     from cafe_core.cluster.jobs import run_training_job
-    from cafe_core.cluster.pytorchjob import CACHE_MOUNT, TrainingJobSpec, job_name
+    from cafe_core.cluster.pytorchjob import CACHE_MOUNT, TrainingJobSpec, job_name, kfp_step_owner
 
     # The pod's ranks share its node-local cache volume: one copy of the shards and the model per node.
     job_cfg = cfg.model_copy(deep=True)
     job_cfg.train.cache.dir, job_cfg.model.cache_dir = f"{CACHE_MOUNT}/data", f"{CACHE_MOUNT}/models"
+    owner = kfp_step_owner()  # the job goes when the step's pod goes (cancelled, evicted, cleaned up)
+    if owner is not None and owner.namespace != namespace:
+        print(f"train: the job goes to namespace {namespace}, the step runs in {owner.namespace}: the job cannot be "
+              "owned by the step's pod, so a cancelled run leaves it to its TTL; use the step's namespace", flush=True)
+        owner = None
     spec = TrainingJobSpec(
         name=job_name(cfg.run_id), namespace=namespace, image=image, nodes=nodes, gpus_per_node=gpus_per_node,
         argv=["-m", "cafe_core.cli", "train", "--config", f"env:{CONFIG_ENV}"],
-        s3_secret=s3_secret, env={CONFIG_ENV: job_cfg.to_yaml()},
+        s3_secret=s3_secret, env={CONFIG_ENV: job_cfg.to_yaml()}, owner=owner,
     )
     run_training_job(spec)
     return _trained(store, f"{cfg.train.output}/final", job=spec.name)
