@@ -37,7 +37,8 @@ class _Params(BaseModel):
         "cluster", description="cluster: a training job of nodes x gpus_per_node; local: torchrun in the step")
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0, description="0: CPU processes (train.nproc_per_node of the config)")
-    namespace: str = Field("kubeflow", description="where the training job is created")
+    namespace: str = Field("", description="where the training job is created; empty: the train step's own "
+                                         "namespace (in multi-user Kubeflow, the run's profile namespace)")
     base_image: str = BASE_IMAGE
     train_image: str = TRAIN_IMAGE
     overrides: list[str] = Field(default_factory=list, description="further key=value config overrides")

@@ -192,7 +192,8 @@ def test_cluster_training_step_launches_a_job_that_runs_cafe_train_on_the_run_co
     monkeypatch.setenv("KFP_POD_NAME", "cafe-run-train-pod")  # what KFP v2 sets in every step
     monkeypatch.setenv("KFP_POD_UID", "uid-1")
     monkeypatch.setenv("POD_NAMESPACE", "ml")
-    result = train_in_cluster(cfg, Storage(), "registry/cafe-train:1", 2, 8, "ml", "cafe-s3")
+    # namespace "" (the parameter's default): the step's own, where its profile's Secret and RBAC are
+    result = train_in_cluster(cfg, Storage(), "registry/cafe-train:1", 2, 8, "", "cafe-s3")
     (spec,) = launched
     assert (spec.owner.name, spec.owner.uid) == ("cafe-run-train-pod", "uid-1")  # the job goes with the step
     assert (spec.image, spec.nodes, spec.gpus_per_node, spec.namespace, spec.s3_secret) == (

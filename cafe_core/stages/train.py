@@ -59,11 +59,19 @@ def train_in_cluster(cfg: CafeConfig, store: Storage, image: str, nodes: int, gp
     """Train as a Training Operator PyTorchJob (Master + Workers), followed until it ends; fails when the
     job fails, times out or cannot be scheduled."""
     from cafe_core.cluster.jobs import run_training_job
-    from cafe_core.cluster.pytorchjob import CACHE_MOUNT, TrainingJobSpec, job_name, kfp_step_owner
+    from cafe_core.cluster.pytorchjob import (
+        CACHE_MOUNT,
+        TrainingJobSpec,
+        current_namespace,
+        job_name,
+        kfp_step_owner,
+    )
 
     # The pod's ranks share its node-local cache volume: one copy of the shards and the model per node.
     job_cfg = cfg.model_copy(deep=True)
     job_cfg.train.cache.dir, job_cfg.model.cache_dir = f"{CACHE_MOUNT}/data", f"{CACHE_MOUNT}/models"
+    # In multi-user Kubeflow a step may only create jobs in its profile's namespace, where the S3 Secret is.
+    namespace = namespace or current_namespace()
     owner = kfp_step_owner()  # the job goes when the step's pod goes (cancelled, evicted, cleaned up)
     if owner is not None and owner.namespace != namespace:
         print(f"train: the job goes to namespace {namespace}, the step runs in {owner.namespace}: the job cannot be "
