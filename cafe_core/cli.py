@@ -137,7 +137,7 @@ def cmd_s3_serve(args) -> None:
 def cmd_compile(args) -> None:
     from pipelines.compile import COMPILED, compile_all
 
-    for path in compile_all(Path(args.out) if args.out else COMPILED):
+    for path in compile_all(Path(args.out) if args.out else COMPILED, args.ablation_parallelism):
         print(f"compile: {path}")
 
 
@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="write the pipelines' YAML (pipelines/compiled/)",
                           description="write the pipelines' YAML (pipelines/compiled/), byte-for-byte reproducible")
     comp.add_argument("--out", help="another folder (default: pipelines/compiled)")
+    comp.add_argument("--ablation-parallelism", type=int, default=1, metavar="N",
+                      help="ablation variants trained at once (default 1: each is a GPU job; 0: all at once)")
     comp.set_defaults(fn=cmd_compile)
     p = sub.add_parser("submit", help="upload the pipeline as a new version and start a run",
                        description="upload the compiled pipeline as a new version of a named pipeline and start a run")
