@@ -15,7 +15,8 @@ def prepare(task, image, name: str, cache: bool = True):
     task.set_container_image(image)
     task.set_display_name(name)
     task.set_caching_options(cache)
-    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
+    # optional: without the Secret, boto3's default chain applies (IRSA / pod identity on the service account)
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS, optional=True)
     return task
 
 

@@ -204,6 +204,8 @@ def test_two_nodes_of_eight_gpus(job_schema):
         env = {e["name"]: e for e in container["env"]}
         assert env["NCCL_DEBUG"]["value"] == "INFO"  # the caller's env wins over the default WARN
         assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "1" and env["HF_HOME"]["value"] == "/cache"
+        assert env["CAFE_IN_CLUSTER"]["value"] == "1"  # no embedded S3 in a replica; credentials checked at start
+        assert all(env[key]["valueFrom"]["secretKeyRef"]["optional"] for key in S3_KEYS)  # IRSA works without it
         for key in S3_KEYS:  # credentials only by reference, never as values
             assert "value" not in env[key] and env[key]["valueFrom"]["secretKeyRef"] == {
                 "name": "cafe-s3", "key": key, **({"optional": True} if S3_KEYS[key] else {})}

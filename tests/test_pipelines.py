@@ -56,6 +56,7 @@ def test_cafe_pipeline_structure():
     for executor, settings in executors.items():  # every task gets the S3 keys from the Secret
         (secret,) = settings["secretAsEnv"]
         assert secret["secretName"] == "cafe-s3" and {k["envVar"] for k in secret["keyToEnv"]} == SECRET_KEYS, executor
+        assert secret["optional"] is True, executor  # without it, boto3's chain: IRSA / pod identity
 
 
 def test_ablation_parallelism_is_set_at_compile_time(tmp_path, cafe_main):

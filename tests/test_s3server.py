@@ -15,7 +15,7 @@ import pytest
 from cafe_core.config import S3Config
 from cafe_core.connect import connect, wants_embedded
 from cafe_core.s3server import LOCAL_CREDENTIALS, EmbeddedS3, s3_ready
-from cafe_core.storage import Storage
+from cafe_core.storage import Storage, StorageError
 
 pytestmark = pytest.mark.s3
 CAFE = [sys.executable, "-m", "cafe_core.cli"]
@@ -108,6 +108,30 @@ def test_endpoint_settings_decide_embedded(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     assert not wants_embedded(S3Config())
     assert wants_embedded(S3Config(embedded="always"))
+
+
+def test_the_cluster_never_starts_an_embedded_server_and_needs_credentials(monkeypatch, tmp_path):
+    """In a KFP step or a training pod `auto` means boto3's settings: an embedded server would keep the run's
+    data on the pod's disk.
+    Without static keys, boto3's chain must find credentials (IRSA, pod identity, instance role), or the
+    command fails at once naming the ways to give some."""
+    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to ask for here
+    monkeypatch.setenv("KFP_POD_NAME", "cafe-run-train-1")  # a KFP step
+    cfg = S3Config(embedded_dir=str(tmp_path / "s3"))
+    assert not wants_embedded(cfg) and wants_embedded(S3Config(embedded="always"))
+    with pytest.raises(StorageError, match="this pod has no credentials.*cafe-s3 Secret.*IRSA"):
+        with connect(cfg, ["s3://cafe/runs/r1"]):
+            pass
+    assert not (tmp_path / "s3").exists()  # no server was started
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")  # the Secret's keys (or any other source)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    with connect(cfg, ["s3://cafe/runs/r1"]) as store:
+        assert store.endpoint_url is None
 
 
 def test_local_uris_need_no_server(tmp_path):

@@ -32,7 +32,8 @@ SPEC_DIGEST = "cafe/spec-digest"  # annotation: tells a retried step's own job f
 MAX_NAME = 48  # pods are "<name>-worker-<i>" and their hostnames must stay within 63 characters
 CACHE_MOUNT = "/var/cache/cafe"  # a node-local emptyDir: the data shards and model the pod's ranks share
 S3_SECRET = "cafe-s3"  # the Secret with the S3 keys (manifests/base/s3-secret.template.yaml)
-S3_KEYS = {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "AWS_ENDPOINT_URL": True}  # key: optional
+# key: optional. All optional: without the Secret (or a key), boto3's default chain applies (IRSA, pod identity).
+S3_KEYS = {"AWS_ACCESS_KEY_ID": True, "AWS_SECRET_ACCESS_KEY": True, "AWS_ENDPOINT_URL": True}
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 OPERATOR_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")  # and every PET_* name
 GPU_ENV = {
@@ -269,7 +270,8 @@ def torchrun_command(spec: TrainingJobSpec) -> list[str]:
 
 def container_env(spec: TrainingJobSpec) -> list[dict[str, Any]]:
     """Plain env (NCCL settings on GPU, then spec.env, which wins) followed by the S3 keys from the Secret."""
-    plain = {**(GPU_ENV if spec.gpus_per_node else {}), **spec.env}
+    # CAFE_IN_CLUSTER (cafe_core.connect.in_cluster): no embedded S3 server, credentials checked at start.
+    plain = {**(GPU_ENV if spec.gpus_per_node else {}), "CAFE_IN_CLUSTER": "1", **spec.env}
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain.items()]
     if spec.s3_secret:
         for key, optional in S3_KEYS.items():
