@@ -16,6 +16,18 @@ def test_local_config_loads_and_fills_placeholders():
     assert cfg.validate_.input == cfg.data.output
 
 
+def test_cluster_config_is_a_gpu_cluster_setting_the_pipeline_accepts():
+    """configs/cluster.yaml (what the training job's replicas and a cluster run read): no embedded S3 in a pod,
+    bf16 on GPUs, the job's cache volume, and a batch the pipeline's 2 nodes x 8 GPUs x grad_accum divide."""
+    from cafe_core.params import RunParams, resolve_config
+
+    cfg = load_config("configs/cluster.yaml", ["run_id=r1"])
+    assert cfg.s3.embedded == "never" and cfg.train.precision == "bf16" and cfg.model.dtype == "bfloat16"
+    assert cfg.train.cache.dir.startswith("/var/cache/cafe") and cfg.train.contrastive_batch == "step"
+    run = resolve_config(RunParams(config="configs/cluster.yaml", nodes=2, gpus_per_node=8, max_steps=10), "kfp-1")
+    assert run.train.nproc_per_node == 8 and run.train.global_batch_size % (2 * 8 * run.train.grad_accum) == 0
+
+
 def test_overrides_reach_nested_keys_and_lists():
     cfg = load_config(LOCAL, ["data.max_samples=500", "data.sources.0.name=other", "validate.source_mix.shapes.min=0.5"])
     assert cfg.data.max_samples == 500
