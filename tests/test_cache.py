@@ -75,8 +75,15 @@ class CountingStorage(Storage):
 
 
 def folder_bytes(folder: Path) -> int:
-    """Everything in the folder, temporary and hidden files included."""
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+    """Everything in the folder, temporary and hidden files included (one the other rank renames or evicts
+    between the listing and its stat is not counted: it is gone)."""
+    total = 0
+    for path in Path(folder).iterdir():
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def blob(tmp_path: Path, name: str, size: int = 100, fill: bytes = b"") -> tuple[str, str, int]:
