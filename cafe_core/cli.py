@@ -100,6 +100,9 @@ def cmd_run(args) -> None:
         print(f"\n{decision.summary()}")
         if not decision.passed:
             print("promote: skipped (the gate did not pass)")
+        elif cfg.promote.mode == "ci":
+            print("promote: left to the CI (promote.mode ci): the parity check passed and the promotion was "
+                  "requested; the request step's lines above say where")
         else:
             aliases, _ = read_aliases(store, registry_root(cfg))
             print(f"promote: champion {aliases.champion} (previous {aliases.previous})")
@@ -135,29 +138,38 @@ def cmd_s3_serve(args) -> None:
 
 
 def cmd_compile(args) -> None:
-    from pipelines.compile import COMPILED, compile_all
+    from pipelines.compile import COMPILED, check_image, compile_all
 
-    for path in compile_all(Path(args.out) if args.out else COMPILED, args.ablation_parallelism):
+    for option, ref in (("--base-image", args.base_image), ("--train-image", args.train_image)):
+        warning = check_image(ref, option) if ref is not None else None
+        if warning:
+            print(f"compile: warning: {warning}", file=sys.stderr)
+    for path in compile_all(Path(args.out) if args.out else COMPILED, args.ablation_parallelism, args.base_image,
+                            args.train_image):
         print(f"compile: {path}")
 
 
 def cmd_submit(args) -> None:
-    from cafe_core.kfp_api import parse_params, submit
+    from cafe_core.kfp_api import parse_params, submit, with_namespace
 
-    params = _checked(args.package, parse_params(args.package, args.params))
+    params = _checked(args.package, with_namespace(args.package, parse_params(args.package, args.params),
+                                                   args.namespace))
     result = submit(args.host, args.package, args.pipeline_name, params, args.experiment,
-                    version_name=args.version_name, namespace=args.namespace, run_name=args.run_name)
+                    version_name=args.version_name, namespace=args.namespace, run_name=args.run_name,
+                    service_account=args.service_account)
     print(f"submit: run {result.run_id} of pipeline {args.pipeline_name} (version {result.version_id})")
     print(f"  {result.url}")
 
 
 def cmd_schedule(args) -> None:
-    from cafe_core.kfp_api import parse_params, schedule, validate_cron
+    from cafe_core.kfp_api import parse_params, schedule, validate_cron, with_namespace
 
     cron = validate_cron(args.cron)
-    params = _checked(args.package, parse_params(args.package, args.params))
+    params = _checked(args.package, with_namespace(args.package, parse_params(args.package, args.params),
+                                                   args.namespace))
     result = schedule(args.host, args.package, args.pipeline_name, cron, params, args.experiment, args.name,
-                      namespace=args.namespace, version_name=args.version_name)
+                      namespace=args.namespace, version_name=args.version_name,
+                      service_account=args.service_account)
     print(f"schedule: recurring run {result.job_id} ({cron}, no catch-up, one run at a time)")
     print(f"  {result.url}")
 
@@ -180,7 +192,10 @@ def _kfp_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-name", default="cafe", help="the pipeline in KFP; each submission adds a version")
     p.add_argument("--experiment", default="cafe")
     p.add_argument("--version-name", default=None, help="default: UTC time + the package's sha256")
-    p.add_argument("--namespace", default=None, help="multi-user KFP: the profile namespace")
+    p.add_argument("--namespace", default=None, help="multi-user KFP: the profile namespace (also the pipeline's "
+                   "namespace parameter, where the training job goes, unless namespace=... is given)")
+    p.add_argument("--service-account", default=None, help="the Kubernetes service account the run's pods use "
+                   "(e.g. the profile's dedicated cafe-pipeline account; default: KFP's, default-editor)")
     p.add_argument("params", nargs="*", metavar="key=value", help="pipeline parameters, e.g. max_steps=800 gpus_per_node=8")
 
 
@@ -240,6 +255,24 @@ def cmd_config_show(args) -> None:
         print(f"# S3: {'embedded SeaweedFS' if wants_embedded(cfg.s3) else 'configured endpoint / boto3 settings'}")
 
 
+def cmd_job_render(args) -> None:
+    """`cafe job render`: the training job the pipeline's train step creates for this configuration, as YAML
+    (like `helm template`): the same builder path as the step (cafe_core.cluster.spec.job_spec)."""
+    import yaml
+
+    from cafe_core.cluster.kinds import job_object, kind_of
+    from cafe_core.cluster.spec import job_spec
+
+    cfg = _config(args)
+    spec = job_spec(cfg)
+    job = job_object(spec)
+    where = "" if cfg.cluster.namespace else (f" cluster.namespace is empty: the step uses its own namespace; here "
+                                              f"{spec.namespace} ($POD_NAMESPACE, else 'default').")
+    print(f"# {kind_of(spec).kind} {spec.namespace}/{spec.name}: the train step also makes its own pod the job's "
+          f"owner (metadata.ownerReferences), which this omits.{where}", file=sys.stderr)
+    sys.stdout.write(yaml.safe_dump(job, sort_keys=False, width=120))
+
+
 # --- parser ------------------------------------------------------------------------------------------
 
 
@@ -271,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", help="another folder (default: pipelines/compiled)")
     comp.add_argument("--ablation-parallelism", type=int, default=1, metavar="N",
                       help="ablation variants trained at once (default 1: each is a GPU job; 0: all at once)")
+    comp.add_argument("--base-image", metavar="REF", help="the base_image parameter's default, NAME@sha256:<digest> "
+                      "(NAME:TAG is accepted with a warning)")
+    comp.add_argument("--train-image", metavar="REF", help="the train_image parameter's default, "
+                      "NAME@sha256:<digest> (NAME:TAG is accepted with a warning)")
     comp.set_defaults(fn=cmd_compile)
     p = sub.add_parser("submit", help="upload the pipeline as a new version and start a run",
                        description="upload the compiled pipeline as a new version of a named pipeline and start a run")
@@ -295,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
         [("target", {"help": "the output prefix, or a run id"})])
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
     add("show", cmd_config_show, "print the resolved configuration", cfg)
+    job = sub.add_parser("job", help="the training job").add_subparsers(dest="job_command", required=True)
+    add("render", cmd_job_render, "print (YAML) the training job the pipeline's train step creates for this "
+        "configuration: a PyTorchJob or TrainJob per cluster.api", job)
     return parser
 
 

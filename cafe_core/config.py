@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cafe_core.cluster.settings import ClusterConfig
 from cafe_core.errors import BadInput
 from cafe_core.layout import TEMPLATE
 from cafe_core.prompts import IM_END, IMAGE_PROMPT, IMAGE_TOKEN, SYSTEM, TEXT_PROMPT
@@ -411,12 +412,45 @@ class GateRule(Strict):
         return self
 
 
+def _plain_http_url(v: str, field: str) -> str:
+    """An http(s) address without credentials in it (tokens come from the environment, never the config)."""
+    scheme, sep, rest = v.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest.split("/", 1)[0]:
+        raise ValueError(f"{field} must be an http:// or https:// address, got {v!r}")
+    if "@" in rest.split("/", 1)[0]:
+        raise ValueError(f"{field} must not carry credentials; the token comes from the environment")
+    return v.rstrip("/")
+
+
+class KubeflowRegistryConfig(Strict):
+    """The Kubeflow Model Registry that a promotion also registers its version in (name, version, S3 URI,
+    format, metrics and the decision record as metadata). The S3 registry stays the source of truth for
+    which version is champion."""
+
+    url: str  # e.g. https://model-registry-service.kubeflow.svc.cluster.local:8443, http://localhost:8080
+    author: str = Field("cafe", min_length=1)
+    # The environment variable holding a bearer token for the registry (filled from a Secret). null: the
+    # client reads the pod's service-account token (KF_PIPELINES_SA_TOKEN_PATH or the default path).
+    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    is_secure: bool | None = None  # TLS; null: from the URL's scheme
+    custom_ca: str | None = None  # a CA bundle file for a registry behind a private CA
+    model_format_name: str = "safetensors"
+    model_format_version: str = "1"
+    # KServe's data-connection Secret for the S3 bucket, recorded on the artifact for deployments.
+    storage_key: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _plain_http_url(v, "registry.kubeflow.url")
+
+
 class RegistryConfig(Strict):
     """The model registry kept in S3: versions with their decision records, aliases champion/previous."""
 
     uri: str = TEMPLATE.registry
     model_name: str = Field("cafe-llava-onevision", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-    kubeflow_url: str | None = None  # optional Kubeflow Model Registry address
+    kubeflow: KubeflowRegistryConfig | None = None  # also register promoted versions there
 
 
 class GateConfig(Strict):
@@ -438,12 +472,34 @@ class AblationVariant(Strict):
     base_run_id: str  # the run whose converted pairs every variant trains on
 
 
+class CiConfig(Strict):
+    """Where request_promotion asks for a promotion: a GitHub Actions workflow started by workflow_dispatch
+    (token in the environment variable CAFE_CI_TOKEN, never in the config)."""
+
+    provider: Literal["github"] = "github"
+    api_url: str = "https://api.github.com"  # GitHub Enterprise Server: https://HOST/api/v3
+    repository: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*/[A-Za-z0-9._-]+$")  # owner/name
+    workflow: str = Field("promote.yml", pattern=r"^[A-Za-z0-9._-]+\.ya?ml$")  # its file name in .github/workflows
+    ref: str = Field("main", min_length=1)  # the branch or tag whose workflow file and code run
+    config: str = Field("configs/cluster.yaml", min_length=1)  # the cafe config file in the repository it loads
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, v: str) -> str:
+        return _plain_http_url(v, "promote.ci.api_url")
+
+
 class PromoteConfig(Strict):
     """`cafe promote` / `cafe rollback`."""
 
+    # auto: the pipeline promotes a PASS itself (a laptop, a sandbox). ci: the pipeline checks parity and asks
+    # the CI to promote, so that only the CI's identity may write the registry's aliases (a shared cluster).
+    mode: Literal["auto", "ci"] = "auto"
     decision: str = TEMPLATE.decision
     reembed_sample: int = Field(16, ge=0)  # evaluation items re-embedded from the files being promoted
     reembed_tolerance: float = Field(1e-3, gt=0)  # max |cosine - 1| between re-embedded and exported
+    # The CI whose promote workflow request_promotion starts; null: it prints the `gh workflow run` command.
+    ci: CiConfig | None = None
 
 
 # --- root --------------------------------------------------------------------------------------------
@@ -465,6 +521,7 @@ class CafeConfig(Strict):
     registry: RegistryConfig = RegistryConfig()
     promote: PromoteConfig = PromoteConfig()
     ablation: AblationVariant | None = None
+    cluster: ClusterConfig = ClusterConfig()  # the train step's training job (cafe_core.cluster.settings)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

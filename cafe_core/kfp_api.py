@@ -248,6 +248,15 @@ def parse_params(package_path: str | os.PathLike, items: Iterable[str]) -> dict[
     return params
 
 
+def with_namespace(package_path: str | os.PathLike, params: dict[str, Any], namespace: str | None) -> dict[str, Any]:
+    """`params` plus namespace=<the profile namespace> where the pipeline has a `namespace` parameter that
+    `params` does not set: the run's training job goes where the run is (what the profile's RBAC and
+    Secrets allow), unless `namespace=...` says otherwise."""
+    if namespace and "namespace" not in params and "namespace" in pipeline_parameters(package_path):
+        return {**params, "namespace": namespace}
+    return dict(params)
+
+
 def _check_params(package_path: str | os.PathLike, params: dict[str, Any]) -> None:
     declared = pipeline_parameters(package_path)
     unknown = sorted(set(params) - set(declared))
@@ -342,9 +351,11 @@ def _experiment_id(client, host: str, experiment: str, namespace: str | None) ->
 
 def submit(host: str, package_path: str, pipeline_name: str, params: dict, experiment: str,
            version_name: str | None = None, namespace: str | None = None, client=None,
-           run_name: str | None = None) -> SubmitResult:
+           run_name: str | None = None, service_account: str | None = None) -> SubmitResult:
     """Upload the compiled pipeline as a new version of `pipeline_name` (created on first use) and start one run of
-    that version in `experiment` (created if missing) with `params` (typed, e.g. from parse_params)."""
+    that version in `experiment` (created if missing) with `params` (typed, e.g. from parse_params).
+    service_account: the Kubernetes service account the run's pods use (default: the profile's
+    default-editor in multi-user Kubeflow)."""
     _check_params(package_path, params)
     host = host.rstrip("/")
     if client is None:
@@ -355,16 +366,17 @@ def submit(host: str, package_path: str, pipeline_name: str, params: dict, exper
     name = run_name or f"{pipeline_name} {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S}Z"
     with _kfp_errors(host, f"starting a run of {pipeline_name!r}"):
         run = client.run_pipeline(experiment_id, name, params=dict(params), pipeline_id=pipeline_id,
-                                  version_id=version_id)
+                                  version_id=version_id, service_account=service_account)
     return SubmitResult(run.run_id, pipeline_id, version_id, f"{host}/#/runs/details/{run.run_id}")
 
 
 def schedule(host: str, package_path: str, pipeline_name: str, cron: str, params: dict, experiment: str,
              job_name: str, namespace: str | None = None, client=None, version_name: str | None = None,
-             ) -> ScheduleResult:
+             service_account: str | None = None) -> ScheduleResult:
     """Upload a new version as submit() does, then create an enabled recurring run of it: the validated 6-field
-    cron, no catch-up of missed intervals, one run at a time. Refused when `experiment` already has a recurring
-    run named `job_name` (two schedules would retrain twice): disable or delete that one first."""
+    cron, no catch-up of missed intervals, one run at a time, its runs' pods under `service_account`. Refused
+    when `experiment` already has a recurring run named `job_name` (two schedules would retrain twice): disable
+    or delete that one first."""
     cron = validate_cron(cron)
     _check_params(package_path, params)
     host = host.rstrip("/")
@@ -384,7 +396,7 @@ def schedule(host: str, package_path: str, pipeline_name: str, cron: str, params
     with _kfp_errors(host, f"creating recurring run {job_name!r}"):
         job = client.create_recurring_run(
             experiment_id, job_name, cron_expression=cron, max_concurrency=1, no_catchup=True, enabled=True,
-            params=dict(params), pipeline_id=pipeline_id, version_id=version_id,
+            params=dict(params), pipeline_id=pipeline_id, version_id=version_id, service_account=service_account,
             description=f"{pipeline_name} on '{cron}' (cafe schedule)")
     return ScheduleResult(job.recurring_run_id, f"{host}/#/recurringrun/details/{job.recurring_run_id}",
                           pipeline_id, version_id)

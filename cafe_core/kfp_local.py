@@ -27,9 +27,11 @@ from cafe_core.train.torchrun import child_env
 
 KFP_ROOT = Path(".cafe/kfp-local")
 LOG_DIR = Path(".cafe/logs")
-# Lines worth showing live: kfp.local's task status, and the stages' own summary lines.
+# Lines worth showing live: kfp.local's task status, and the stages' own summary lines (with the command that
+# requests a promotion by hand, in promote.mode ci without a CI configured).
 SHOWN = re.compile(r"(Executing task|finished with status|Pipeline .* finished|"
-                   r"^\s*((synth|convert|validate|train|export|evaluate|gate|promote|rollback|compare): \S|step \d+:|FAILED|error:|Traceback))")
+                   r"^\s*((synth|convert|validate|train|export|evaluate|gate|promote|verify-release|request-promotion|"
+                   r"rollback|compare): \S|step \d+:|gh workflow run |FAILED|error:|Traceback))")
 
 
 class _Filter:
@@ -57,13 +59,13 @@ def run_pipeline(cfg: CafeConfig, store: Storage, config_path: str | None, overr
                  pipeline: str = "cafe", **params: Any) -> dict[str, Any]:
     """Run a pipeline ("cafe" or "cafe-ablation") locally for `cfg`, the configuration resolved here from
     `config_path` and `overrides`: the pipeline's parameters are the ones that reproduce it
-    (cafe_core.params.of_config), plus `params` (e.g. ratios for the ablation). Returns the seconds of the
-    run and of its steps, and the log's path."""
+    (cafe_core.params.of_config), plus `params` (e.g. ratios for the ablation). The cafe pipeline is built
+    for the configuration's promote.mode, both without retries (a failure here should show at once).
+    Returns the seconds of the run and of its steps, and the log's path."""
     from kfp import local
 
     from cafe_core.params import PARAMS_OF, RunParams, of_config
-    from pipelines.ablation import ablation_pipeline
-    from pipelines.cafe import cafe_pipeline
+    from pipelines import ablation, cafe
 
     arguments = of_config(cfg, config_path or RunParams().config, list(overrides), PARAMS_OF[pipeline],
                           train_mode="local", **params)
@@ -72,12 +74,13 @@ def run_pipeline(cfg: CafeConfig, store: Storage, config_path: str | None, overr
     KFP_ROOT.mkdir(parents=True, exist_ok=True)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = log_path(cfg.run_id)
+    built = cafe.build(cfg.promote.mode, local=True) if pipeline == "cafe" else ablation.build(local=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(KFP_ROOT.resolve()))
     started = time.monotonic()
     before = set(KFP_ROOT.iterdir())
     with open(log, "w") as out, contextlib.redirect_stdout(_Filter(out, sys.stdout)), \
             contextlib.redirect_stderr(_Filter(out, sys.stderr)):
-        (cafe_pipeline if pipeline == "cafe" else ablation_pipeline)(**arguments.model_dump())
+        built(**arguments.model_dump())
     wall = time.monotonic() - started
     run_dirs = sorted(set(KFP_ROOT.iterdir()) - before)
     return {"wall": wall, "steps": step_seconds(run_dirs[-1]) if run_dirs else {}, "log": str(log)}

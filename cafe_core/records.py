@@ -205,3 +205,17 @@ def read_decision(store: Storage, uri: str) -> Decision:
         return Decision.model_validate_json(store.read_bytes(uri))
     except ValidationError as e:
         raise ValueError(f"{uri} is not a valid decision record: {e}") from None
+
+
+def read_passed_decision(store: Storage, uri: str, error: type[Exception], action: str) -> Decision:
+    """A committed PASS decision record; `error` naming the fix when it is unreadable or a FAIL (`action`:
+    what only a PASS may be, e.g. "promoted")."""
+    try:
+        decision = read_decision(store, uri)
+    except (StorageError, ValueError) as e:
+        raise error(f"decision record {uri} unreadable: {e}") from None
+    if not decision.passed:
+        why = "; ".join(decision.reasons[:3]) or "see why.md"
+        raise error(f"{uri} is a FAIL decision ({why}): only a PASS can be {action}; fix the cause and run cafe "
+                    "gate again")
+    return decision

@@ -19,6 +19,10 @@ Concurrency: a version id is claimed by a conditional create of its version.json
 share one; the files are copied and the version committed before any alias points at it; aliases.json
 moves only by compare-and-swap on its etag, retried a bounded number of times. A promotion also refuses to
 move the champion when it is no longer the champion the gate compared the candidate with.
+
+A Kubeflow Model Registry (registry.kubeflow) gets each promoted version too (cafe_core.model_registry), after
+the S3 version is committed and before the champion alias moves: when it cannot take the version, nothing
+moves. Which version is champion stays in aliases.json.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from cafe_core.records import (
     ChampionUnreadable,
     Decision,
     MetricsFile,
-    read_decision,
+    read_passed_decision,
     registry_root,
 )
 from cafe_core.storage import ObjectNotFound, PreconditionFailed, Storage, StorageError, StorageUnavailable
@@ -137,15 +141,6 @@ def version_prefix(root: str, version: str) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _no_kubeflow(cfg: CafeConfig) -> None:
-    if cfg.registry.kubeflow_url:
-        raise RegistryError(
-            f"registry.kubeflow_url is set ({cfg.registry.kubeflow_url}) but the Kubeflow Model Registry is not "
-            "supported in this build (its client package, model-registry, is not installed); unset "
-            "registry.kubeflow_url=null to use the S3 registry alone"
-        )
 
 
 def read_aliases(store: Storage, root: str) -> tuple[Aliases, str | None]:
@@ -371,17 +366,13 @@ def promote(cfg: CafeConfig, store: Storage, decision_uri: str,
     Refuses (PromoteError) a FAIL or unreadable decision, a candidate whose files or manifest changed since
     it was gated, a failed `check_model(model_uri)`, and, unless `allow_champion_moved`, a champion other
     than the one the gate compared with. Idempotent: the checkpoint already champion -> no-op; already a
-    version -> that version is reused."""
-    _no_kubeflow(cfg)
+    version -> that version is reused.
+
+    With registry.kubeflow set, the version is registered there after it is committed in S3 and before the
+    champion alias moves: a registry that does not take it refuses the promotion with the champion unmoved
+    (the committed version is reused when the promotion is run again), so no champion is ever missing there."""
     root = registry_root(cfg)
-    try:
-        decision = read_decision(store, decision_uri)
-    except (StorageError, ValueError) as e:
-        raise PromoteError(f"decision record {decision_uri} unreadable: {e}") from None
-    if not decision.passed:
-        why = "; ".join(decision.reasons[:3]) or "see why.md"
-        raise PromoteError(f"{decision_uri} is a FAIL decision ({why}): only a PASS can be promoted; fix the cause "
-                           "and run cafe gate again")
+    decision = read_passed_decision(store, decision_uri, PromoteError, "promoted")
     cand = _load_candidate(store, decision_uri, decision, root)
 
     def champion_digest(aliases: Aliases) -> str | None:
@@ -413,6 +404,7 @@ def promote(cfg: CafeConfig, store: Storage, decision_uri: str,
     else:
         rec = _register(store, root, cfg.registry.model_name, decision_uri, decision, cand)
 
+    registered = _register_kubeflow(cfg, root, rec, cand, decision, decision_uri, aliases.champion)
     op = uuid.uuid4().hex
 
     def move(a: Aliases) -> Aliases | None:
@@ -432,7 +424,36 @@ def promote(cfg: CafeConfig, store: Storage, decision_uri: str,
     ours = next(h for h in now.history if h.id == op)  # not `now`'s aliases: a later move may follow ours
     how = f"reused {rec.version}" if existing else f"registered {rec.version}"
     return PromoteResult(rec.version, model_uri, rec.version, ours.from_, noop=False, reused=bool(existing),
-                         message=f"{how}: champion {rec.version}, previous {ours.from_}")
+                         message=f"{how}: champion {rec.version}, previous {ours.from_}{registered}")
+
+
+def _register_kubeflow(cfg: CafeConfig, root: str, rec: VersionRecord, cand: _Candidate, decision: Decision,
+                       decision_uri: str, champion_now: str | None) -> str:
+    """Register the committed version in the Kubeflow Model Registry when one is configured; "" otherwise,
+    else "; " + the registry's account. Its failure refuses the promotion before any alias moves."""
+    kf = cfg.registry.kubeflow
+    if kf is None:
+        return ""
+    from cafe_core.model.locate import MODEL_DIR
+    from cafe_core.model_registry import KubeflowRegistryError, VersionEntry, metadata_for, register
+
+    prefix = version_prefix(root, rec.version)
+    model_uri = join(prefix, CHECKPOINT_DIR)
+    if any(e.name == f"{MODEL_DIR}/config.json" for e in cand.manifest.entries):
+        model_uri = join(model_uri, MODEL_DIR)  # a `cafe train` output: the Hugging Face folder inside
+    metadata = metadata_for(
+        metrics=json.loads(cand.metrics_bytes).get("metrics", {}), decision_uri=join(prefix, DECISION_FILE),
+        gate_decision_uri=decision_uri, checkpoint_digest=cand.digest, run_id=decision.run_id,
+        code_version=code_version(), gate_code_version=decision.code_version, config_digest=decision.config_digest,
+        s3_version=rec.version, source_model_uri=cand.model_uri)
+    entry = VersionEntry(cfg.registry.model_name, rec.version, model_uri, metadata=metadata,
+                         description=f"cafe {rec.version}: run {decision.run_id}, gate PASS at {decision.time}")
+    try:
+        return f"; {register(kf, entry)}"
+    except KubeflowRegistryError as e:
+        raise PromoteError(f"{e}; nothing was promoted: the champion is still {champion_now or 'none'}; promote "
+                           f"again once the registry takes it ({rec.version} is committed in S3 and is "
+                           "reused)") from None
 
 
 def _moved(decision_uri: str, gated: str | None, now: str | None) -> PromoteError:
@@ -444,8 +465,8 @@ def _moved(decision_uri: str, gated: str | None, now: str | None) -> PromoteErro
 
 
 def rollback(cfg: CafeConfig, store: Storage) -> RollbackResult:
-    """champion <- previous and previous <- the demoted champion, in one compare-and-swap."""
-    _no_kubeflow(cfg)
+    """champion <- previous and previous <- the demoted champion, in one compare-and-swap (the S3 aliases; a
+    Kubeflow Model Registry keeps both versions registered as they are)."""
     root = registry_root(cfg)
     op = uuid.uuid4().hex
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 import boto3
 import boto3.exceptions
@@ -62,6 +63,25 @@ class StorageUnavailable(BadInput, RuntimeError):
     committed."""
 
 
+class NoCredentials(StorageUnavailable):
+    """boto3's credential chain found nothing, or could not fetch what it found (a web-identity token STS
+    would not exchange, a pod-identity agent that did not answer). Like an outage, nothing can be read or
+    written: never taken for a missing object."""
+
+
+# The credential chain's own failures (the STS exchange's refusal is a ClientError of the call instead).
+_CREDENTIAL_ERRORS = (
+    botocore.exceptions.NoCredentialsError,
+    botocore.exceptions.PartialCredentialsError,
+    botocore.exceptions.CredentialRetrievalError,
+)
+CREDENTIAL_SOURCES = (
+    "static keys (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, e.g. from the cafe-s3 Secret), a web identity "
+    "(AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE: IRSA on the service account), EKS pod identity "
+    "(AWS_CONTAINER_CREDENTIALS_FULL_URI + AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE), a profile or an instance role"
+)
+
+
 # Refused or dropped connections and timeouts (botocore retries these itself), a body cut short, and the
 # transfer manager's "download retries exhausted", which wraps one of them.
 _NETWORK_ERRORS = (
@@ -78,6 +98,32 @@ def _note_attempts(attempts: int | None = None, caught_exception: Exception | No
     number of attempts made."""
     if caught_exception is not None and attempts is not None:
         setattr(caught_exception, _ATTEMPTS, attempts)
+
+
+def aws_session(region: str | None = None) -> boto3.session.Session:
+    """A boto3 session whose region (s3.region when set) is the one every client it makes uses, the S3
+    client and the STS client that boto3's credential chain creates to exchange a web-identity token (IRSA)
+    alike. None leaves it to boto3's settings (AWS_DEFAULT_REGION, the profile), and then to AWS_REGION, which
+    the other AWS SDKs read and boto3 does not."""
+    session = boto3.session.Session(region_name=region)
+    if session.region_name is None and os.environ.get("AWS_REGION"):
+        session = boto3.session.Session(region_name=os.environ["AWS_REGION"])
+    return session
+
+
+# Where boto3's chain fetches credentials from: the instance metadata service, the ECS and EKS pod-identity agents.
+_CREDENTIAL_HOSTS = {"169.254.169.254", "169.254.170.2", "169.254.170.23", "fd00:ec2::254", "fd00:ec2::23"}
+
+
+def _credential_source(url: str, s3_endpoint: str | None) -> bool:
+    """Whether a request that failed went to a credential source (STS, a metadata or pod-identity agent)
+    rather than to S3 itself."""
+    host = urlparse(url).hostname or ""
+    if s3_endpoint and host == urlparse(s3_endpoint).hostname:
+        return False
+    configured = {urlparse(os.environ[v]).hostname
+                  for v in ("AWS_ENDPOINT_URL_STS", "AWS_CONTAINER_CREDENTIALS_FULL_URI") if os.environ.get(v)}
+    return host.startswith("sts.") or host in configured or host in _CREDENTIAL_HOSTS
 
 
 @dataclass(frozen=True)
@@ -139,8 +185,7 @@ class Storage:
                 read_timeout=120,
                 s3={"addressing_style": "path"} if self.endpoint_url else None,
             )
-            session = boto3.session.Session()
-            client = session.client(
+            client = aws_session(self.region).client(
                 "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=cfg, **self._credentials
             )
             client.meta.events.register("needs-retry.s3", _note_attempts)
@@ -167,6 +212,8 @@ class Storage:
         attempts made (botocore's retries are spent by then)."""
         try:
             yield
+        except _CREDENTIAL_ERRORS as e:
+            raise NoCredentials(f"S3 {op} {uri}: no usable credentials ({e}); give {CREDENTIAL_SOURCES}") from None
         except _NETWORK_ERRORS as e:
             err, tries = e, 1
             if isinstance(e, boto3.exceptions.RetriesExceededError) and e.last_exception is not None:
@@ -174,6 +221,12 @@ class Storage:
                 err, tries = e.last_exception, self._transfer.num_download_attempts
             attempts = getattr(err, _ATTEMPTS, 1) * tries
             where = (self._client.meta.endpoint_url if self._client is not None else None) or self.endpoint_url
+            failed = getattr(err, "kwargs", {}).get("endpoint_url")
+            if failed and _credential_source(failed, where):
+                # Not S3 itself: the STS exchange (or another credential source) that S3's request waited on.
+                raise NoCredentials(f"S3 {op} {uri}: its credentials could not be fetched: {failed} did not answer "
+                                    f"({type(err).__name__}); check AWS_ENDPOINT_URL_STS / s3.region and the "
+                                    "network path to STS") from None
             raise StorageUnavailable(
                 f"S3 endpoint {where or 'the AWS default endpoint'} did not answer: {op} {uri} failed after "
                 f"{attempts} attempt{'' if attempts == 1 else 's'} ({type(err).__name__})"
@@ -185,7 +238,7 @@ class Storage:
             return
         bucket, _ = split_s3(uri)
         cfg = BotoConfig(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1})
-        probe = boto3.session.Session().client(
+        probe = aws_session(self.region).client(
             "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=cfg, **self._credentials
         )
         try:
@@ -208,8 +261,12 @@ class Storage:
                 code = e.response.get("Error", {}).get("Code", "")
                 if code not in ("404", "NoSuchBucket", "NotFound"):
                     raise self._fail(uri, "head_bucket", e) from None
+                # Outside us-east-1, AWS creates a bucket only with its region named (else IllegalLocationConstraint).
+                region = self.client.meta.region_name
+                where = {"CreateBucketConfiguration": {"LocationConstraint": region}} if region not in (
+                    None, "us-east-1", "aws-global") else {}
                 try:
-                    self.client.create_bucket(Bucket=bucket)
+                    self.client.create_bucket(Bucket=bucket, **where)
                 except ClientError as e2:
                     if e2.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                         raise self._fail(uri, "create_bucket", e2) from None

@@ -2,64 +2,50 @@
 parallel, one comparison table of retrieval against understanding. Its parameters are
 cafe_core.params.AblationParams (a test keeps them equal)."""
 
+from __future__ import annotations
+
 from kfp import dsl
 
 from cafe_core.params import AblationParams
 from cafe_core.stages.evaluate import ABLATION_FAMILIES
 from components import compare_ablation, convert, evaluate_all, export, prepare_data, resolve_config, train, validate
-from pipelines.common import S3_SECRET, config_inputs, prepare
+from pipelines.common import CONVERT, DATA, LAUNCHER, LIGHT, Tasks, config_inputs, pipeline_function
 
-P = AblationParams()
 # Variants trained at once. In the cluster each is a multi-node GPU job: started all together, partly placed
 # jobs can hold GPUs while waiting for each other's. Compile-time in KFP (`cafe compile --ablation-parallelism`).
 PARALLELISM = 1
 
+DOC = """CAFe a_lm:a_con sweep. ratios: a_lm / a_con per variant (0 = contrastive only; 0.1 = the paper's
+default 1:10). Each variant records its ratio in its config (`ablation.lm_ratio`), runs as
+`<run id>-lm<ratio>`, and trains on the run's converted pairs; the other parameters are the cafe
+pipeline's."""
 
-def build(parallelism: int = PARALLELISM):
-    """The ablation pipeline with `parallelism` variants at a time (0: all at once)."""
 
-    @dsl.pipeline(name="cafe-ablation", description="CAFe a_lm:a_con sweep: retrieval vs understanding per ratio")
-    def ablation_pipeline(
-        root: str = P.root,
-        run_id: str = P.run_id,
-        config: str = P.config,
-        data_uri: str = P.data_uri,
-        model_preset: str = P.model_preset,
-        model_checkpoint: str = P.model_checkpoint,
-        ratios: list = P.ratios,
-        a_con: float = P.a_con,
-        temperature: float = P.temperature,
-        max_steps: int = P.max_steps,
-        train_mode: str = P.train_mode,
-        nodes: int = P.nodes,
-        gpus_per_node: int = P.gpus_per_node,
-        namespace: str = P.namespace,
-        base_image: str = P.base_image,
-        train_image: str = P.train_image,
-        overrides: list = P.overrides,
-    ):
-        """ratios: a_lm / a_con per variant (0 = contrastive only; 0.1 = the paper's default 1:10). Each variant
-        records its ratio in its config (`ablation.lm_ratio`), runs as `<run id>-lm<ratio>`, and trains on the
-        run's converted pairs."""
-        inputs = config_inputs(locals())
-        base = prepare(resolve_config(**inputs), base_image, "resolve config")
-        data = prepare(prepare_data(run_config=base.output), base_image, "prepare data")
-        pairs = prepare(convert(run_config=base.output, synthetic=data.outputs["synthetic"]), base_image, "convert")
-        checked = prepare(validate(run_config=base.output, pairs=pairs.outputs["pairs"]), base_image, "validate")
-        with dsl.ParallelFor(ratios, name="ratios", parallelism=parallelism) as ratio:
-            variant = prepare(resolve_config(**inputs, lm_ratio=ratio), base_image, "variant config")
-            trained = prepare(train(run_config=variant.output, pairs=pairs.outputs["pairs"], mode=train_mode,
-                                    nodes=nodes, gpus_per_node=gpus_per_node, train_image=train_image,
-                                    namespace=namespace, s3_secret=S3_SECRET), base_image, "train", cache=False)
+def build(parallelism: int = PARALLELISM, defaults: AblationParams | None = None, local: bool = False):
+    """The ablation pipeline with `parallelism` variants at a time (0: all at once), `defaults` as its
+    parameters' defaults; local=True: for kfp.local (no retries)."""
+
+    def body(p: dict) -> None:
+        t = Tasks(p, local)
+        base = t.cpu(resolve_config(**config_inputs(resolve_config, p)), "resolve config", LIGHT)
+        data = t.cpu(prepare_data(run_config=base.output), "prepare data", DATA)
+        pairs = t.cpu(convert(run_config=base.output, synthetic=data.outputs["synthetic"]), "convert", CONVERT)
+        checked = t.cpu(validate(run_config=base.output, pairs=pairs.outputs["pairs"]), "validate", DATA)
+        with dsl.ParallelFor(p["ratios"], name="ratios", parallelism=parallelism) as ratio:
+            variant = t.cpu(resolve_config(**config_inputs(resolve_config, p, lm_ratio=ratio)), "variant config",
+                            LIGHT).output
+            trained = t.cpu(train(run_config=variant, pairs=pairs.outputs["pairs"], mode=p["train_mode"]), "train",
+                            LAUNCHER, cache=False)
             trained.after(checked)
-            embedded = prepare(export(run_config=variant.output, model=trained.outputs["model"]), base_image, "export")
-            scored = prepare(evaluate_all(run_config=variant.output, families=ABLATION_FAMILIES,
-                                          model=trained.outputs["model"], embeddings=embedded.outputs["embeddings"]),
-                             base_image, "evaluate", cache=False)
-        prepare(compare_ablation(run_config=base.output, variants=dsl.Collected(scored.outputs["metrics"])),
-                base_image, "compare", cache=False)
+            embedded = t.gpu(export(run_config=variant, model=trained.outputs["model"]), "export")
+            scored = t.gpu(evaluate_all(run_config=variant, families=ABLATION_FAMILIES, model=trained.outputs["model"],
+                                        embeddings=embedded.outputs["embeddings"]), "evaluate", cache=False)
+        t.cpu(compare_ablation(run_config=base.output, variants=dsl.Collected(scored.outputs["metrics"])), "compare",
+              LIGHT, cache=False)
 
-    return ablation_pipeline
+    description = "CAFe a_lm:a_con sweep: retrieval vs understanding per ratio"
+    return dsl.pipeline(name="cafe-ablation", description=description)(
+        pipeline_function(defaults or AblationParams(), body, DOC))
 
 
 ablation_pipeline = build()

@@ -1,10 +1,15 @@
-"""The CAFe pipeline: convert -> validate -> train -> export -> evaluate (parallel) -> gate -> promote (on PASS).
-Its parameters are cafe_core.params.RunParams (names, types, defaults; a test keeps them equal)."""
+"""The CAFe pipeline: convert -> validate -> train -> export -> evaluate (parallel) -> gate -> on PASS, per
+promote.mode, either "ci" (the release parity check, then a request to the CI to promote: the pipeline never
+writes the registry's aliases) or "auto" (promote). Its parameters are cafe_core.params.RunParams."""
 
-from kfp import dsl
+from __future__ import annotations
+
+from typing import Literal
+
+from kfp import dsl, kubernetes
 
 from cafe_core.config import FAMILIES
-from cafe_core.params import RunParams
+from cafe_core.params import CI_TOKEN_ENV, RunParams
 from components import (
     convert,
     evaluate,
@@ -13,61 +18,63 @@ from components import (
     merge_evaluation,
     prepare_data,
     promote,
+    request_promotion,
     resolve_config,
     train,
     validate,
+    verify_release,
 )
-from pipelines.common import S3_SECRET, config_inputs, prepare
+from pipelines.common import CONVERT, DATA, LAUNCHER, LIGHT, Tasks, config_inputs, pipeline_function
 
-P = RunParams()
+DOC = """CAFe fine-tuning of LLaVA-OneVision. The parameters that describe the run become its configuration
+(config: the base file in the image; overrides: any further key=value); the training job's (nodes,
+gpus_per_node, train_image, namespace, s3_secret, kueue_queue, priority_class, pending_timeout_seconds,
+tolerations, node_selector) its cluster section. train_mode: cluster (a training job) or local (torchrun
+in the step). The inference_* parameters size the export, evaluation and release tasks."""
 
 
-@dsl.pipeline(name="cafe", description="CAFe fine-tuning of LLaVA-OneVision: train, evaluate, gate, promote")
-def cafe_pipeline(
-    root: str = P.root,
-    run_id: str = P.run_id,
-    config: str = P.config,
-    data_uri: str = P.data_uri,
-    model_preset: str = P.model_preset,
-    model_checkpoint: str = P.model_checkpoint,
-    a_lm: float = P.a_lm,
-    a_con: float = P.a_con,
-    temperature: float = P.temperature,
-    max_steps: int = P.max_steps,
-    train_mode: str = P.train_mode,
-    nodes: int = P.nodes,
-    gpus_per_node: int = P.gpus_per_node,
-    namespace: str = P.namespace,
-    base_image: str = P.base_image,
-    train_image: str = P.train_image,
-    gate_rules: str = P.gate_rules,
-    overrides: list = P.overrides,
-):
-    """root: S3 prefix of the run's artifacts ({root}/runs/{run_id}/). run_id: empty = the KFP run's id.
-    config: base configuration file in the image (or overridden by the parameters here). data_uri: a
-    LLaVA-OneVision parquet prefix; empty = the synthetic shapes data. model_checkpoint: a Hugging Face folder
-    (s3:// or path) that replaces model_preset. train_mode: cluster (a PyTorchJob of nodes x gpus_per_node on
-    train_image) or local (torchrun inside the step). gate_rules: the gate's rules file (path or s3://).
-    overrides: any further `key=value` config overrides."""
-    cfg = prepare(resolve_config(**config_inputs(locals()), a_lm=a_lm, gate_rules=gate_rules), base_image,
-                  "resolve config")
-    run_config = cfg.output
-    data = prepare(prepare_data(run_config=run_config), base_image, "prepare data")
-    pairs = prepare(convert(run_config=run_config, synthetic=data.outputs["synthetic"]), base_image, "convert")
-    checked = prepare(validate(run_config=run_config, pairs=pairs.outputs["pairs"]), base_image, "validate")
-    trained = prepare(train(run_config=run_config, pairs=pairs.outputs["pairs"], mode=train_mode, nodes=nodes,
-                            gpus_per_node=gpus_per_node, train_image=train_image, namespace=namespace,
-                            s3_secret=S3_SECRET), base_image, "train", cache=False)
-    trained.after(checked)
-    embedded = prepare(export(run_config=run_config, model=trained.outputs["model"]), base_image, "export")
-    families = {
-        family: prepare(evaluate(run_config=run_config, family=family, model=trained.outputs["model"],
-                                 embeddings=embedded.outputs["embeddings"]), base_image, f"evaluate {family}", cache=False)
-        for family in FAMILIES
-    }
-    merged = prepare(merge_evaluation(run_config=run_config, **{f: t.outputs["metrics"] for f, t in families.items()}),
-                     base_image, "evaluation report", cache=False)
-    decided = prepare(gate(run_config=run_config, metrics=merged.outputs["metrics"]), base_image, "gate", cache=False)
-    with dsl.If(decided.outputs["Output"] == "PASS", name="gate-passed"):
-        prepare(promote(run_config=run_config, decision_record=decided.outputs["decision_record"],
-                        model=trained.outputs["model"]), base_image, "promote", cache=False)
+def build(mode: Literal["auto", "ci"] = "ci", defaults: RunParams | None = None, local: bool = False):
+    """The pipeline for promote.mode `mode`, with `defaults` as its parameters' defaults (e.g. images
+    pinned by digest); local=True: for kfp.local (no retries)."""
+
+    def body(p: dict) -> None:
+        t = Tasks(p, local)
+        run_config = t.cpu(resolve_config(**config_inputs(resolve_config, p, promote_mode=mode)),
+                           "resolve config", LIGHT).output
+        data = t.cpu(prepare_data(run_config=run_config), "prepare data", DATA)
+        pairs = t.cpu(convert(run_config=run_config, synthetic=data.outputs["synthetic"]), "convert", CONVERT)
+        checked = t.cpu(validate(run_config=run_config, pairs=pairs.outputs["pairs"]), "validate", DATA)
+        trained = t.cpu(train(run_config=run_config, pairs=pairs.outputs["pairs"], mode=p["train_mode"]),
+                        "train", LAUNCHER, cache=False)
+        trained.after(checked)
+        model = trained.outputs["model"]
+        embedded = t.gpu(export(run_config=run_config, model=model), "export")
+        families = {
+            family: t.gpu(evaluate(run_config=run_config, family=family, model=model,
+                                   embeddings=embedded.outputs["embeddings"]), f"evaluate {family}", cache=False)
+            for family in FAMILIES
+        }
+        scores = {f: e.outputs["metrics"] for f, e in families.items()}
+        merged = t.cpu(merge_evaluation(run_config=run_config, **scores), "evaluation report", LIGHT, cache=False)
+        decided = t.cpu(gate(run_config=run_config, metrics=merged.outputs["metrics"]), "gate", LIGHT, cache=False)
+        decision = decided.outputs["decision_record"]
+        with dsl.If(decided.outputs["Output"] == "PASS", name="gate-passed"):
+            if mode == "auto":
+                t.gpu(promote(run_config=run_config, decision_record=decision, model=model), "promote", cache=False)
+            else:
+                verified = t.gpu(verify_release(run_config=run_config, decision_record=decision, model=model),
+                                 "verify release", cache=False)
+                requested = t.cpu(request_promotion(run_config=run_config, decision_record=decision,
+                                                    parity=verified.outputs["parity"]),
+                                  "request promotion", LIGHT, cache=False)
+                # The CI's token, on this task only; optional: without it the task says how to start the
+                # CI's promote workflow by hand.
+                kubernetes.use_secret_as_env(requested, secret_name=p["ci_token_secret"],
+                                             secret_key_to_env={CI_TOKEN_ENV: CI_TOKEN_ENV}, optional=True)
+
+    description = ("CAFe fine-tuning of LLaVA-OneVision: train, evaluate, gate, "
+                   + ("promote" if mode == "auto" else "parity check, promotion request to the CI"))
+    return dsl.pipeline(name="cafe", description=description)(pipeline_function(defaults or RunParams(), body, DOC))
+
+
+cafe_pipeline = build()

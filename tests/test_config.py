@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from cafe_core.config import CafeConfig, ConfigError, load_config
 
@@ -122,3 +123,63 @@ def test_temperature_bounds_and_its_learning_rate():
     assert load_config(LOCAL, ["train.loss.temperature=1.0"]).train.optim.lr_temperature == 1e-3  # default
     with pytest.raises(ConfigError, match="train.optim.lr_temperature"):
         load_config(LOCAL, ["train.optim.lr_temperature=-1"])
+
+
+def test_promote_mode_is_auto_or_ci():
+    assert load_config(LOCAL).promote.mode == "auto"  # `cafe run` promotes a PASS itself
+    assert load_config(LOCAL, ["promote.mode=ci"]).promote.mode == "ci"
+    with pytest.raises(ConfigError, match=r"promote\.mode: .*'auto' or 'ci'"):
+        load_config(LOCAL, ["promote.mode=manual"])
+
+
+def test_promote_ci_names_a_github_workflow():
+    cfg = load_config(None, ["promote.ci.repository=acme/cafe"])
+    ci = cfg.promote.ci
+    assert (ci.provider, ci.api_url, ci.workflow, ci.ref, ci.config) == (
+        "github", "https://api.github.com", "promote.yml", "main", "configs/cluster.yaml")
+    assert load_config(None).promote.ci is None
+    for bad, fragment in [
+        ("promote.ci.repository=cafe", "promote.ci.repository: String should match pattern"),
+        ("promote.ci.api_url=https://user:tok@api.github.com", "must not carry credentials"),
+        ("promote.ci.api_url=ftp://github.com", "must be an http:// or https:// address"),
+        ("promote.ci.workflow=../promote", "promote.ci.workflow: String should match pattern"),
+        ("promote.ci.provider=gitlab", "promote.ci.provider: Input should be 'github'"),
+    ]:
+        with pytest.raises(ConfigError, match=fragment):
+            load_config(None, ["promote.ci.repository=acme/cafe", bad])
+
+
+def test_registry_kubeflow_section_replaces_kubeflow_url():
+    cfg = load_config(None, ["registry.kubeflow.url=https://model-registry.kubeflow.svc:8443/"])
+    kf = cfg.registry.kubeflow
+    assert (kf.url, kf.author, kf.token_env, kf.is_secure, kf.model_format_name) == (
+        "https://model-registry.kubeflow.svc:8443", "cafe", None, None, "safetensors")
+    with pytest.raises(ConfigError, match=r"registry.kubeflow_url: unknown key; did you mean 'kubeflow'\?"):
+        load_config(None, ["registry.kubeflow_url=http://model-registry:8080"])
+    with pytest.raises(ConfigError, match="registry.kubeflow.url: Field required"):
+        load_config(None, ["registry.kubeflow.author=me"])
+    with pytest.raises(ConfigError, match="registry.kubeflow.token_env: String should match pattern"):
+        load_config(None, ["registry.kubeflow.url=http://mr:8080", "registry.kubeflow.token_env=not a name"])
+
+
+def test_cluster_yaml_describes_a_realistic_gpu_job_and_every_default_is_explicit():
+    """configs/cluster.yaml's `cluster:` section: 2 nodes x 8 GPUs with the defaults that scale with them,
+    every key of the section written out (so the file documents them), and valid for both APIs."""
+    from cafe_core.cluster.settings import ClusterConfig
+
+    with open("configs/cluster.yaml") as f:
+        text = yaml.safe_load(f)["cluster"]
+    assert set(text) == {f.alias or n for n, f in ClusterConfig.model_fields.items()}
+    cfg = load_config("configs/cluster.yaml", ["run_id=r1"])
+    job = cfg.cluster
+    assert (job.api, job.nodes, job.gpus_per_node, job.s3_secret, job.namespace) == ("pytorchjob", 2, 8, "cafe-s3", "")
+    res = job.resources(cfg.train.cache.max_gb)
+    assert (res.cpu, res.memory, res.cache_size) == ("96", "768Gi", "464Gi")
+    trainjob = load_config("configs/cluster.yaml", ["run_id=r1", "cluster.api=trainjob"]).cluster
+    assert trainjob.api == "trainjob" and trainjob.backoff_limit == 2  # written out, still the TrainJob's default
+
+
+def test_local_defaults_have_a_cpu_cluster_job():
+    job = load_config(LOCAL, ["run_id=r1"]).cluster
+    assert (job.api, job.nodes, job.gpus_per_node, job.image, job.cleanup) == (
+        "pytorchjob", 1, 0, "cafe-train:latest", "on_success")

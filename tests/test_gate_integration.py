@@ -1,14 +1,24 @@
-"""Integration: with the default thresholds shipped in configs/, the trained tiny model passes the gate and
-is promoted; the untrained model fails it and cannot be promoted (real SeaweedFS, the `cafe` command)."""
+"""Integration: the whole default `cafe run` (synth -> convert -> validate -> train -> export -> evaluate ->
+gate -> promote) through the `cafe` command against a real SeaweedFS: every stage's output is committed and
+accounted for, and with the thresholds shipped in configs/ the trained tiny model passes the gate and is
+promoted; the untrained model fails it and cannot be promoted.
+
+The one end-to-end pipeline run of the suite (the slowest test): the checks of each stage's outputs ride on
+it rather than on a second, smaller run."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from cafe_core.cli import main
+from cafe_core.commit import verify_output
+from cafe_core.s3server import LOCAL_CREDENTIALS
 from cafe_core.storage import Storage
 from tests.test_export_evaluate import write_model
 
@@ -30,6 +40,8 @@ def test_trained_passes_the_shipped_gate_and_untrained_fails(s3_env, bucket, cap
     store = Storage()
     aliases = store.read_json(f"{bucket}/registry/cafe-llava-onevision/aliases.json")
     assert aliases["champion"] == "v1"
+    check_run_outputs(bucket, "trained", trained.stdout, store)
+
 
     # The same data and sets, the model without training: export, evaluate, gate -> FAIL, promote refused
     # (the stages in this process: the pipeline around them is what the run above showed).
@@ -48,3 +60,58 @@ def test_trained_passes_the_shipped_gate_and_untrained_fails(s3_env, bucket, cap
     assert main(["promote", *untrained]) == 1
     assert "FAIL decision" in capsys.readouterr().err
     assert store.read_json(f"{bucket}/registry/cafe-llava-onevision/aliases.json")["champion"] == "v1"
+
+
+def cafe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cafe_core.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def check_run_outputs(root: str, run_id: str, stdout: str, store: Storage) -> None:
+    """What one pipeline run leaves behind: each stage's committed output where the summary says, the
+    conversion's reject accounting, and the artifact commands over them."""
+    run = f"{root}/runs/{run_id}"
+    for where in (f"{root}/datasets/shapes-v1", f"{run}/convert/", f"{run}/validate/summary.txt",
+                  f"{run}/validate/data_docs/index.html", f"{run}/train/final/model/", f"{run}/train/checkpoints/",
+                  f"{run}/export/index.parquet", f"{run}/evaluate/report.html", f"{run}/gate/decision.json"):
+        assert where in stdout, where
+    log = re.sub(r"\x1b\[[0-9;]*m", "", open(f".cafe/logs/run-{run_id}.log").read())  # kfp.local's own record
+    assert "Task 'gate' finished with status SUCCESS" in log
+    synth = verify_output(store, f"{root}/datasets/shapes-v1")
+    converted = verify_output(store, f"{run}/convert")
+    assert verify_output(store, f"{run}/validate").meta["success"] is True
+    trained = verify_output(store, f"{run}/train/final")  # the training step wrote its model to S3
+    assert trained.meta["steps"] == 400 and "model/model.safetensors" in trained.names()
+    # Checkpoints every 100 steps; the last step writes the final output instead of one more checkpoint.
+    assert store.read_json(f"{run}/train/checkpoints/latest.json")["step"] == 300
+
+    # input = accepted + rejected + deduplicated; every deliberately broken row is caught, for its reason.
+    stats = json.loads(store.read_bytes(f"{run}/convert/stats.json"))
+    broken = dict(synth.meta["bad_rows"])
+    assert stats["input"] == synth.meta["counts"]["train_rows"] == stats["accepted"] + stats["rejected"] + stats["deduped"]
+    assert stats["rejected"] + stats["deduped"] == sum(broken.values()) > 0
+    assert stats["deduped"] == broken.pop("duplicate_content")
+    assert stats["rejected_by_reason"] == {k: v for k, v in broken.items() if v}
+    assert len(store.read_text(f"{run}/convert/rejects.jsonl").splitlines()) == stats["rejected"]
+
+    # The local config converts with the first-gpt-turn rule: captions are the description only.
+    shard = next(n for n in converted.names() if n.startswith("pairs/"))
+    with store.local_copy(f"{run}/convert/{shard}") as path:
+        table = pq.read_table(path)
+    caption, conversation = table.column("caption")[0].as_py(), table.column("conversations")[0].as_py()
+    assert caption == conversation[1]["value"] and len(conversation) > 2
+    config = store.read_text(f"{run}/convert/config.yaml")
+    assert f"run_id: {run_id}" in config
+    assert LOCAL_CREDENTIALS["aws_secret_access_key"] not in config  # credentials never reach a config
+
+    # The synthetic data is reused by the next run; the run's artifacts can be listed, checked and fetched.
+    again = cafe("data", "synth", "--config", "configs/local.yaml", f"root={root}", "run_id=next")
+    assert again.returncode == 0 and "up to date" in again.stdout
+    listing = cafe("artifacts", "ls", run_id, f"root={root}")
+    assert listing.returncode == 0 and "convert/pairs/part-00000.parquet" in listing.stdout
+    assert "objects" in listing.stdout.splitlines()[-1]
+    verify = cafe("artifacts", "verify", f"{run}/convert", f"root={root}")
+    assert verify.returncode == 0 and "all sha256 match" in verify.stdout
+    got = cafe("artifacts", "get", f"{run}/convert/stats.json", f"root={root}")
+    assert got.returncode == 0 and json.loads(got.stdout)["input"] == stats["input"]
+    shown = cafe("config", "show", "--config", "configs/local.yaml", f"root={root}", f"run_id={run_id}")
+    assert shown.returncode == 0 and f"output: {run}/convert" in shown.stdout

@@ -434,3 +434,35 @@ def test_unreachable_host(package, monkeypatch, tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(SubmitError, match=f"cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}"):
         submit(f"http://127.0.0.1:{port}", package, "cafe-finetune", PARAMS, "cafe")
+
+
+def test_runs_use_the_given_service_account(kfp_api, package):
+    """--service-account: the run's pods (and a recurring run's) use the profile's dedicated account."""
+    submit(kfp_api.host, package, "cafe-finetune", PARAMS, "cafe", service_account="cafe-pipeline")
+    schedule(kfp_api.host, package, "cafe-finetune", "0 0 3 * * *", PARAMS, "cafe", "nightly",
+             service_account="cafe-pipeline")
+    submit(kfp_api.host, package, "cafe-finetune", PARAMS, "cafe")
+    assert kfp_api.runs[0]["service_account"] == "cafe-pipeline"
+    assert kfp_api.recurring[0]["service_account"] == "cafe-pipeline"
+    assert "service_account" not in kfp_api.runs[1]  # not given: KFP's own default (default-editor)
+
+
+def test_the_profile_namespace_is_the_training_jobs_unless_a_parameter_says_otherwise(package):
+    from cafe_core.kfp_api import with_namespace
+    from pipelines.compile import COMPILED
+
+    cafe = COMPILED / "cafe.yaml"
+    assert with_namespace(cafe, {"max_steps": 5}, "team-a") == {"max_steps": 5, "namespace": "team-a"}
+    assert with_namespace(cafe, {"namespace": "team-b"}, "team-a") == {"namespace": "team-b"}
+    assert with_namespace(cafe, {"max_steps": 5}, None) == {"max_steps": 5}
+    assert with_namespace(package, {"run_id": "r"}, "team-a") == {"run_id": "r"}  # a pipeline without one
+
+
+def test_submit_command_passes_namespace_and_service_account(kfp_api, cafe_main, capsys):
+    assert cafe_main("submit", "--host", kfp_api.host, "--namespace", "team-a", "--service-account", "cafe-pipeline",
+                     "max_steps=5") == 0, capsys.readouterr().err
+    [run] = kfp_api.runs
+    assert run["runtime_config"]["parameters"] == {"max_steps": 5, "namespace": "team-a"}
+    assert run["service_account"] == "cafe-pipeline"
+    assert cafe_main("submit", "--host", kfp_api.host, "--namespace", "team-a", "namespace=team-b") == 0
+    assert kfp_api.runs[1]["runtime_config"]["parameters"] == {"namespace": "team-b"}

@@ -13,21 +13,22 @@ import pytest
 import yaml
 
 from cafe_core.cluster.pytorchjob import (
-    CONTAINER,
     S3_KEYS,
+    S3_SECRET,
     TrainingJobSpec,
     example_spec,
     job_yaml,
     main,
     pytorchjob,
 )
+from cafe_core.cluster.settings import ClusterConfig
+from tests.k8s_schemas import PYTORCHJOB_CRD, crd_schema, unknown_fields
+from tests.k8s_schemas import assert_valid_custom_object as assert_valid_job
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 BASE = MANIFESTS / "base"
-# The Training Operator v1.9.0 PyTorchJob CRD (its manifests/base/crds/kubeflow.org_pytorchjobs.yaml), vendored.
-CRD = Path(__file__).parent / "data" / "pytorchjobs-crd-v1.9.0.yaml"
-NOT_IN_KUSTOMIZATION = {"s3-secret.template.yaml", "pytorchjob-template.yaml"}
+NOT_IN_KUSTOMIZATION = {"s3-secret.template.yaml", "pytorchjob-template.yaml", "trainjob-template.yaml"}
 PLACEHOLDER = "REPLACE_ME"
 ARGV = ["-m", "cafe_core.cli", "train", "--config", "/app/configs/cluster.yaml", "run_id=r7"]
 
@@ -42,34 +43,7 @@ def by_kind(kind: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def job_schema() -> dict[str, Any]:
-    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 8,000 lines
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return version["schema"]["openAPIV3Schema"]
-
-
-def unknown_fields(obj: Any, schema: dict[str, Any], path: str = "") -> list[str]:
-    """Fields the API server would silently prune: not declared in a structural schema."""
-    if schema.get("x-kubernetes-preserve-unknown-fields"):
-        return []
-    found: list[str] = []
-    if isinstance(obj, dict) and "properties" in schema:
-        for key, value in obj.items():
-            if key in schema["properties"]:
-                found += unknown_fields(value, schema["properties"][key], f"{path}.{key}")
-            elif not isinstance(schema.get("additionalProperties"), dict):
-                found.append(f"{path}.{key}")
-    elif isinstance(obj, dict) and isinstance(schema.get("additionalProperties"), dict):
-        for key, value in obj.items():
-            found += unknown_fields(value, schema["additionalProperties"], f"{path}.{key}")
-    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
-        for i, item in enumerate(obj):
-            found += unknown_fields(item, schema["items"], f"{path}[{i}]")
-    return found
-
-
-def assert_valid_job(job: dict[str, Any], schema: dict[str, Any]) -> None:
-    jsonschema.validate(job, schema)
-    assert unknown_fields(job, schema) == [], "fields the CRD does not declare (the API server would drop them)"
+    return crd_schema(PYTORCHJOB_CRD, "v1")
 
 
 # --- files and kustomization -------------------------------------------------------------------------
@@ -106,6 +80,7 @@ def test_role_grants_exactly_what_the_train_step_needs():
     assert len(granted) == len(set(granted))
     assert set(granted) == {
         *(("kubeflow.org", "pytorchjobs", v) for v in ("create", "get", "list", "watch", "patch", "delete")),
+        *(("trainer.kubeflow.org", "trainjobs", v) for v in ("create", "get", "list", "watch", "patch", "delete")),
         *(("", "pods", v) for v in ("get", "list", "watch")),
         ("", "pods/log", "get"),
         *(("", "events", v) for v in ("list", "watch")),
@@ -116,21 +91,12 @@ def test_role_grants_exactly_what_the_train_step_needs():
     assert by_kind("ClusterRole") == [] and by_kind("ClusterRoleBinding") == []
 
 
-def test_rolebinding_binds_the_role_to_the_pipeline_service_account():
-    (sa,) = docs(BASE / "serviceaccount.yaml")
-    (binding,) = docs(BASE / "rolebinding.yaml")
-    assert sa["kind"] == "ServiceAccount" and sa["metadata"]["name"] == "cafe-pipeline"
-    assert binding["kind"] == "RoleBinding"
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cafe-pipeline"}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cafe-pipeline"}]
-
-
 # --- PyTorchJobs -------------------------------------------------------------------------------------
 
 
 def test_committed_template_is_what_pytorchjob_generates(job_schema, capsys):
     committed = (BASE / "pytorchjob-template.yaml").read_text()
-    generated = job_yaml(pytorchjob(example_spec()))
+    generated = job_yaml(pytorchjob(example_spec("pytorchjob")))
     assert committed == generated, (
         "manifests/base/pytorchjob-template.yaml drifted from cafe_core.cluster.pytorchjob.pytorchjob(): regenerate it "
         "with `.venv/bin/python -m cafe_core.cluster.pytorchjob example > manifests/base/pytorchjob-template.yaml`"
@@ -138,21 +104,6 @@ def test_committed_template_is_what_pytorchjob_generates(job_schema, capsys):
     assert main(["example"]) == 0 and capsys.readouterr().out == committed
     (job,) = docs(BASE / "pytorchjob-template.yaml")
     assert_valid_job(job, job_schema)
-
-
-def test_one_node_cpu_job(job_schema):
-    job = pytorchjob(TrainingJobSpec(name="cafe-train-cpu", namespace="ml", image="cafe:test", argv=ARGV))
-    assert_valid_job(job, job_schema)
-    replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert list(replicas) == ["Master"] and replicas["Master"]["replicas"] == 1
-    assert job["spec"]["nprocPerNode"] == "1"
-    pod = replicas["Master"]["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["name"] == CONTAINER
-    assert "--nnodes=1" in container["command"] and "--nproc_per_node=1" in container["command"]
-    assert container["args"] == ARGV
-    assert "nvidia.com/gpu" not in str(container["resources"]) and "tolerations" not in pod
-    assert not any(e["name"].startswith("NCCL") for e in container["env"])
 
 
 def test_the_job_is_owned_by_the_kfp_step_pod(job_schema, monkeypatch):
@@ -169,7 +120,7 @@ def test_the_job_is_owned_by_the_kfp_step_pod(job_schema, monkeypatch):
     owner = kfp_step_owner()
     assert owner == PodOwner(name="cafe-run-abc-train-123", uid="0b5c1a8e-7f3d-4c9e-9a51-3f7e1d2c4b6a",
                              namespace="team-vision")
-    spec = dict(name="cafe-train-owned", namespace="team-vision", image="cafe:test", argv=ARGV)
+    spec = dict(name="cafe-train-owned", namespace="team-vision", argv=ARGV)
     job = pytorchjob(TrainingJobSpec(**spec, owner=owner))
     assert_valid_job(job, job_schema)
     assert job["metadata"]["ownerReferences"] == [{
@@ -182,9 +133,10 @@ def test_the_job_is_owned_by_the_kfp_step_pod(job_schema, monkeypatch):
 
 
 def test_two_nodes_of_eight_gpus(job_schema):
-    spec = TrainingJobSpec(name="cafe-train-gpu", namespace="ml", image="cafe:test", argv=ARGV, nodes=2,
-                           gpus_per_node=8, env={"NCCL_DEBUG": "INFO", "HF_HOME": "/cache"},
-                           active_deadline_seconds=7200, backoff_limit=1, labels={"team": "vision"})
+    settings = ClusterConfig(image="cafe:test", nodes=2, gpus_per_node=8, env={"NCCL_DEBUG": "INFO", "HF_HOME": "/cache"},
+                             active_deadline_seconds=7200, backoff_limit=1)
+    spec = TrainingJobSpec(name="cafe-train-gpu", namespace="ml", argv=ARGV, labels={"team": "vision"},
+                           settings=settings)
     job = pytorchjob(spec)
     assert_valid_job(job, job_schema)
     replicas = job["spec"]["pytorchReplicaSpecs"]
@@ -196,13 +148,13 @@ def test_two_nodes_of_eight_gpus(job_schema):
     for replica in replicas.values():
         pod = replica["template"]["spec"]
         (container,) = pod["containers"]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
         assert container["command"][:3] == ["python", "-m", "torch.distributed.run"]
         assert {"--nnodes=2", "--nproc_per_node=8", "--node_rank=$(PET_NODE_RANK)", "--master_addr=$(MASTER_ADDR)",
                 "--master_port=$(MASTER_PORT)", "--rdzv_backend=static"} <= set(container["command"])
         assert container["ports"] == [{"name": "pytorchjob-port", "containerPort": 23456, "protocol": "TCP"}]
         env = {e["name"]: e for e in container["env"]}
-        assert env["NCCL_DEBUG"]["value"] == "INFO"  # the caller's env wins over the default WARN
+        assert env["NCCL_DEBUG"]["value"] == "INFO"  # the configured env wins over the default WARN
         assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]["value"] == "1" and env["HF_HOME"]["value"] == "/cache"
         assert env["CAFE_IN_CLUSTER"]["value"] == "1"  # no embedded S3 in a replica; credentials checked at start
         assert all(env[key]["valueFrom"]["secretKeyRef"]["optional"] for key in S3_KEYS)  # IRSA works without it
@@ -210,10 +162,11 @@ def test_two_nodes_of_eight_gpus(job_schema):
             assert "value" not in env[key] and env[key]["valueFrom"]["secretKeyRef"] == {
                 "name": "cafe-s3", "key": key, **({"optional": True} if S3_KEYS[key] else {})}
         assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
-        assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}} in pod["volumes"]
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
         assert {"name": "cafe-cache", "mountPath": "/var/cache/cafe"} in container["volumeMounts"]
-        assert {"name": "cafe-cache", "emptyDir": {}} in pod["volumes"]  # on the node's disk, shared by its ranks
+        assert {"name": "cafe-cache", "emptyDir": {"sizeLimit": "164Gi"}} in pod["volumes"]  # node disk, its ranks share it
         assert pod["automountServiceAccountToken"] is False
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def test_a_broken_job_fails_the_schema_check(job_schema):
@@ -246,7 +199,7 @@ def test_no_secret_with_real_values_is_committed():
 
 def test_s3_secret_template_has_the_keys_the_training_pods_reference():
     (secret,) = docs(BASE / "s3-secret.template.yaml")
-    assert secret["metadata"]["name"] == TrainingJobSpec.model_fields["s3_secret"].default == "cafe-s3"
+    assert secret["metadata"]["name"] == ClusterConfig.model_fields["s3_secret"].default == S3_SECRET == "cafe-s3"
     assert set(secret_values(secret)) == set(S3_KEYS)
 
 
@@ -259,8 +212,9 @@ def test_kfp_launcher_configmap_in_the_format_kfp_reads():
     providers = yaml.safe_load(cm["data"]["providers"])
     default = providers["s3"]["default"]
     assert default["endpoint"] and default["region"] and isinstance(default["disableSSL"], bool)
+    assert default["region"] == "us-east-1", "the region the promote/rollback workflows default to"
     creds = default["credentials"]
     assert creds["fromEnv"] is False
     (secret,) = docs(BASE / "s3-secret.template.yaml")
-    assert creds["secretRef"]["secretName"] == secret["metadata"]["name"]
+    assert creds["secretRef"]["secretName"] == secret["metadata"]["name"] == S3_SECRET  # the steps' and the pods'
     assert {creds["secretRef"]["accessKeyKey"], creds["secretRef"]["secretKeyKey"]} <= set(secret_values(secret))

@@ -1,17 +1,21 @@
 """The pipelines: they compile, the committed YAML is current, and the compiled spec has the structure the
-issue asks for (parallel families, caching off where it must be, credentials only from a Secret, promote
-only under the gate's PASS, the ablation's ParallelFor and collected table), their parameters are
-cafe_core.params', and the parameters resolve to the run's configuration."""
+issue asks for (parallel families, caching off where it must be, credentials only from Secrets the
+parameters name, in the cluster's build no promotion but a parity check and a request to the CI under the
+gate's PASS, the ablation's ParallelFor and collected table, resources, a timeout and retries per task,
+the model's tasks on the inference GPUs), their parameters are cafe_core.params', and the parameters
+resolve to the run's configuration, the training job's to its cluster section."""
 
 from __future__ import annotations
 
 import filecmp
+import json
+import re
 
 import pytest
 import yaml
 
 from cafe_core.config import ConfigError
-from cafe_core.params import AblationParams, RunParams, resolve_config
+from cafe_core.params import OBJECT_NAME, AblationParams, RunParams, resolve_config
 from cafe_core.stages.step import config_of
 from cafe_core.storage import Storage
 from pipelines.compile import COMPILED, compile_all
@@ -34,13 +38,41 @@ def test_committed_yaml_is_current_and_reproducible(tmp_path):
     assert {p.name for p in second} == {"cafe.yaml", "cafe-ablation.yaml"}
 
 
+def container_tasks(spec: dict):
+    """(name, task, executor label) of every container task, in the root DAG and nested ones (If, ParallelFor)."""
+
+    def walk(dag: dict):
+        for name, task in dag["tasks"].items():
+            component = spec["components"][task["componentRef"]["name"]]
+            if "dag" in component:
+                yield from walk(component["dag"])
+            else:
+                yield name, task, component["executorLabel"]
+
+    yield from walk(spec["root"]["dag"])
+
+
+def param(name: str) -> str:
+    """How a task's container field refers to the pipeline parameter `name`."""
+    return "{{$.inputs.parameters['pipelinechannel--%s']}}" % name
+
+
+def from_parameter(setting: dict) -> str:
+    """The pipeline parameter a Kubernetes setting of a task takes its value from (nested DAGs get it as an
+    input of their own, `pipelinechannel--<name>`)."""
+    return setting["componentInputParameter"].removeprefix("pipelinechannel--")
+
+
 def test_cafe_pipeline_structure():
     spec, executors = load("cafe.yaml")
     params = spec["root"]["inputDefinitions"]["parameters"]
     for name in ("data_uri", "model_preset", "model_checkpoint", "a_lm", "a_con", "temperature", "nodes",
                  "gpus_per_node", "base_image", "train_image", "gate_rules", "root", "run_id"):
         assert name in params and "defaultValue" in params[name], name
-    assert not any("SECRET" in p.upper() or "KEY" in p.upper() for p in params), "credentials are never parameters"
+    # Credentials are never parameters: a parameter about one only names the Secret that holds it.
+    for name, spec_ in params.items():
+        if re.search(r"secret|key|token|password|credential", name, re.I):
+            assert name.endswith("_secret") and re.fullmatch(OBJECT_NAME, spec_["defaultValue"]), name
     tasks = spec["root"]["dag"]["tasks"]
     evaluations = [t for t in tasks if t.startswith("evaluate")]
     assert len(evaluations) == 6
@@ -49,14 +81,166 @@ def test_cafe_pipeline_structure():
         assert not {"evaluate", "evaluate-2"} & set(tasks[name].get("dependentTasks", []))
     for name in ("train", "gate", "merge-evaluation", *evaluations):
         assert not tasks[name].get("cachingOptions", {}).get("enableCache"), f"{name} must not be cached"
+    # The cluster's pipeline (promote.mode ci) never promotes: on PASS, the parity check, then the request.
+    assert "promote" not in {name for name, _, _ in container_tasks(spec)}
     condition = next(t for t in tasks.values() if "triggerPolicy" in t)
     assert condition["triggerPolicy"]["condition"].endswith("== 'PASS'")
     branch = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(branch) == {"verify-release", "request-promotion"}
+    assert branch["request-promotion"]["dependentTasks"] == ["verify-release"]
+    assert branch["request-promotion"]["inputs"]["artifacts"]["parity"]["taskOutputArtifact"]["producerTask"] == \
+        "verify-release"
+    assert not any(t.get("cachingOptions", {}).get("enableCache") for t in branch.values())
+    resolved = tasks["resolve-config"]["inputs"]["parameters"]["promote_mode"]["runtimeValue"]["constant"]
+    assert resolved == "ci"  # the run's configuration says what the pipeline does
+    for executor, settings in executors.items():  # every task gets the S3 keys from the Secret the parameter names
+        s3 = settings["secretAsEnv"][0]
+        assert from_parameter(s3["secretNameParameter"]) == "s3_secret", executor
+        assert {k["envVar"] for k in s3["keyToEnv"]} == SECRET_KEYS, executor
+        assert s3["optional"] is True, executor  # without it, boto3's chain: IRSA / pod identity
+        others = settings["secretAsEnv"][1:]
+        if executor == "exec-request-promotion":  # the CI's token: on the request task only, optional
+            (ci,) = others
+            assert from_parameter(ci["secretNameParameter"]) == "ci_token_secret" and ci["optional"] is True
+            assert ci["keyToEnv"] == [{"envVar": "CAFE_CI_TOKEN", "secretKey": "CAFE_CI_TOKEN"}]
+        else:
+            assert others == [], executor
+
+
+def _references(tree) -> list[str]:
+    """Every componentInputParameter / componentInputArtifact in a (platform) spec fragment."""
+    if isinstance(tree, dict):
+        found = [v for k, v in tree.items() if k in ("componentInputParameter", "componentInputArtifact")]
+        return found + [r for v in tree.values() for r in _references(v)]
+    return [r for v in tree for r in _references(v)] if isinstance(tree, list) else []
+
+
+@pytest.mark.parametrize("name", ["cafe.yaml", "cafe-ablation.yaml"])
+def test_every_reference_resolves_where_it_is_used(name):
+    """What a task reads from its DAG (inputs, Secret names, tolerations, ...) is an input of that DAG (an If or
+    a ParallelFor passes on only what its tasks declare), and what its container's image and resources read
+    is an input of the task. kfp.local and the KFP backend both fail a run otherwise, only when it gets there."""
+    spec, platform = load(name)
+    executors = spec["deploymentSpec"]["executors"]
+
+    def inputs_of(definitions: dict) -> set[str]:
+        return {*definitions.get("parameters", {}), *definitions.get("artifacts", {})}
+
+    def walk(dag: dict, available: set[str]) -> None:
+        for task_name, task in dag["tasks"].items():
+            component = spec["components"][task["componentRef"]["name"]]
+            used = _references(task.get("inputs", {}))
+            if "dag" in component:
+                walk(component["dag"], inputs_of(component.get("inputDefinitions", {})))
+            else:
+                used += _references(platform.get(component["executorLabel"], {}))
+                container = executors[component["executorLabel"]]["container"]
+                placeholders = re.findall(r"inputs\.parameters\['([^']+)'\]",
+                                          json.dumps([container["image"], container.get("resources", {})]))
+                assert set(placeholders) <= set(task["inputs"]["parameters"]), (task_name, placeholders)
+            assert set(used) <= available, (task_name, sorted(set(used) - available))
+
+    walk(spec["root"]["dag"], inputs_of(spec["root"]["inputDefinitions"]))
+
+
+GPU_TASKS = {"export", "verify-release", "evaluate", *(f"evaluate-{i}" for i in range(2, 7))}
+LIGHT_TASKS = {"resolve-config", "merge-evaluation", "gate", "request-promotion", "compare-ablation",
+               "resolve-config-2"}
+
+
+@pytest.mark.parametrize("name", ["cafe.yaml", "cafe-ablation.yaml"])
+def test_tasks_have_resources_timeouts_and_retries(name):
+    from cafe_core.cluster.settings import gib, parse_quantity
+    from pipelines.common import RETRIES, TRAIN_TIMEOUT
+
+    spec, platform = load(name)
+    containers = spec["deploymentSpec"]["executors"]
+    seen = set()
+    for task_name, task, label in container_tasks(spec):
+        seen.add(task_name)
+        container, k8s = containers[label]["container"], platform[label]
+        res = container["resources"]
+        assert 0 < int(k8s["activeDeadlineSeconds"]) <= TRAIN_TIMEOUT, task_name  # every task has a timeout
+        if task_name in GPU_TASKS or task_name == "evaluate-all":
+            # The model's tasks: the training image, the inference GPUs and memory from the parameters, and the
+            # placement the training job gets too.
+            assert container["image"] == param("train_image"), task_name
+            assert res["accelerator"] == {"resourceType": param("inference_accelerator"),
+                                          "resourceCount": param("inference_gpus")}, task_name
+            assert res["resourceMemoryRequest"] == res["resourceMemoryLimit"] == param("inference_memory")
+            (toleration,) = k8s["tolerations"]
+            assert from_parameter(toleration["tolerationJson"]) == "tolerations", task_name
+            assert from_parameter(k8s["nodeSelector"]["nodeSelectorJson"]) == "node_selector", task_name
+        else:
+            assert container["image"] == param("base_image"), task_name
+            assert "accelerator" not in res and "tolerations" not in k8s and "nodeSelector" not in k8s, task_name
+            for kind in ("Cpu", "Memory"):  # requests and limits, limits above requests
+                request, limit = res[f"resource{kind}Request"], res[f"resource{kind}Limit"]
+                assert 0 < parse_quantity(request) <= parse_quantity(limit), task_name
+        if task_name in LIGHT_TASKS:
+            assert parse_quantity(res["resourceCpuRequest"]) <= 0.5 and gib(res["resourceMemoryRequest"]) <= 1
+        if task_name == "train":  # in cluster mode it only follows the job: a small request, the longest timeout
+            assert parse_quantity(res["resourceCpuRequest"]) <= 1 and gib(res["resourceMemoryRequest"]) <= 2
+            assert int(k8s["activeDeadlineSeconds"]) == TRAIN_TIMEOUT
+            assert task["retryPolicy"]["maxRetryCount"] == 1  # adopts the running job / resumes a failed one
+        else:  # idempotent: retried with backoff
+            assert task["retryPolicy"] == {"maxRetryCount": RETRIES, "backoffDuration": "60s", "backoffFactor": 2.0,
+                                           "backoffMaxDuration": "1800s"}, task_name
+    assert {"train", "export", "convert", "validate", "prepare-data"} <= seen
+
+
+def test_the_auto_build_promotes_and_the_local_build_does_not_retry(tmp_path):
+    """promote.mode auto (configs/local.yaml, `cafe run`): the promote task under PASS, on the inference
+    settings (it re-embeds a sample); kfp.local's builds have no retries (a failure shows at once)."""
+    from kfp import compiler
+
+    from pipelines import ablation, cafe
+
+    compiler.Compiler().compile(cafe.build("auto", local=True), str(tmp_path / "auto.yaml"))
+    compiler.Compiler().compile(ablation.build(local=True), str(tmp_path / "ablation.yaml"))
+    spec, platform = yaml.safe_load_all((tmp_path / "auto.yaml").read_text())
+    condition = next(t for t in spec["root"]["dag"]["tasks"].values() if "triggerPolicy" in t)
+    branch = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
     assert list(branch) == ["promote"] and not branch["promote"].get("cachingOptions", {}).get("enableCache")
-    for executor, settings in executors.items():  # every task gets the S3 keys from the Secret
-        (secret,) = settings["secretAsEnv"]
-        assert secret["secretName"] == "cafe-s3" and {k["envVar"] for k in secret["keyToEnv"]} == SECRET_KEYS, executor
-        assert secret["optional"] is True, executor  # without it, boto3's chain: IRSA / pod identity
+    executor = spec["components"]["comp-promote"]["executorLabel"]
+    assert spec["deploymentSpec"]["executors"][executor]["container"]["image"] == param("train_image")
+    resolved = spec["root"]["dag"]["tasks"]["resolve-config"]["inputs"]["parameters"]["promote_mode"]
+    assert resolved["runtimeValue"]["constant"] == "auto"
+    for path in (tmp_path / "auto.yaml", tmp_path / "ablation.yaml"):
+        spec, _ = yaml.safe_load_all(path.read_text())
+        assert not [n for n, t, _ in container_tasks(spec) if "retryPolicy" in t], path.name
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def test_compile_writes_pinned_images_as_the_defaults(tmp_path, cafe_main, capsys):
+    base, train = f"registry.example.com:5000/ml/cafe-base@{DIGEST}", "registry.example.com/ml/cafe-train:1.4"
+    assert cafe_main("compile", "--out", str(tmp_path), "--base-image", base, "--train-image", train) == 0
+    err = capsys.readouterr().err
+    assert "--train-image registry.example.com/ml/cafe-train:1.4 is a tag, not a digest" in err
+    assert "--base-image" not in err  # pinned: no warning
+    for name in ("cafe.yaml", "cafe-ablation.yaml"):
+        spec, _ = yaml.safe_load_all((tmp_path / name).read_text())
+        params = spec["root"]["inputDefinitions"]["parameters"]
+        assert (params["base_image"]["defaultValue"], params["train_image"]["defaultValue"]) == (base, train)
+
+
+@pytest.mark.parametrize("ref", ["cafe-base", "cafe-base:", "Registry/Cafe:1", "cafe@sha256:abc",
+                                 f"cafe@sha512:{'0' * 64}", "cafe:1 ", "cafe:-x"])
+def test_compile_refuses_what_is_not_an_image_reference(ref, tmp_path, cafe_main, capsys):
+    assert cafe_main("compile", "--out", str(tmp_path), "--train-image", ref) == 2
+    assert "NAME@sha256:<64 hex digits> or NAME:TAG" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_image_references():
+    from pipelines.compile import check_image
+
+    for pinned in (f"cafe@{DIGEST}", f"ghcr.io/org/cafe-train:v1.2@{DIGEST}", f"localhost:5000/a/b_c__d-e@{DIGEST}"):
+        assert check_image(pinned, "--x") is None, pinned
+    for tagged in ("cafe:latest", "ghcr.io/org/cafe-train:v1.2", "localhost:5000/cafe:2024-01-01_rc.1"):
+        assert "is a tag, not a digest" in check_image(tagged, "--x"), tagged
 
 
 def test_ablation_parallelism_is_set_at_compile_time(tmp_path, cafe_main):
@@ -87,11 +271,24 @@ def test_pipeline_parameters_are_the_typed_parameters(name, kind):
     spec, _ = load(name)
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == set(kind.model_fields)
-    kinds = {str: "STRING", float: "NUMBER_DOUBLE", int: "NUMBER_INTEGER", list: "LIST"}
+    kinds = {str: "STRING", float: "NUMBER_DOUBLE", int: "NUMBER_INTEGER", list: "LIST", dict: "STRUCT"}
     for field, info in kind.model_fields.items():
         default = kind().model_dump()[field]
         assert params[field]["defaultValue"] == default, field
         assert params[field]["parameterType"] == kinds[type(default)], field
+        assert " ".join(params[field]["description"].split()) == " ".join(info.description.split()), field
+
+
+@pytest.mark.parametrize("kind", [RunParams, AblationParams])
+def test_every_parameter_reaches_the_config_or_sets_tasks(kind):
+    """A parameter either is an input of the config-resolving task (so the run's configuration records it) or
+    is one of the task settings (images, inference resources, Secrets, the ablation's ratios)."""
+    from cafe_core.params import TASK_SETTINGS
+    from components import resolve_config as component
+
+    inputs = set(component.component_spec.inputs)
+    for field in kind.model_fields:
+        assert (field in inputs) != (field in TASK_SETTINGS), field
 
 
 def test_resolve_config_maps_parameters(tmp_path):
@@ -115,6 +312,36 @@ def test_resolve_config_maps_parameters(tmp_path):
         resolve_config(RunParams(root=str(tmp_path)))
 
 
+GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+EVICTION = {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+            "tolerationSeconds": 600}
+
+
+def test_the_training_jobs_parameters_become_the_configs_cluster_section(tmp_path):
+    """The run's configuration holds the job's whole description: what the train step creates is read from it."""
+    cfg = resolve_config(RunParams(root=str(tmp_path), run_id="r1", nodes=2, gpus_per_node=8, namespace="team-a",
+                                   train_image=f"reg.example.com/cafe-train@sha256:{'a' * 64}", s3_secret="team-s3",
+                                   kueue_queue="gpu-queue", priority_class="training", pending_timeout_seconds=1800,
+                                   tolerations=[GPU_TAINT, EVICTION], node_selector={"pool": "h100"},
+                                   config="configs/cluster.yaml"))
+    job = cfg.cluster
+    assert (job.image, job.nodes, job.gpus_per_node, job.namespace) == (
+        f"reg.example.com/cafe-train@sha256:{'a' * 64}", 2, 8, "team-a")
+    assert (job.s3_secret, job.kueue_queue, job.priority_class, job.pending_timeout_seconds) == (
+        "team-s3", "gpu-queue", "training", 1800)
+    assert [t.manifest() for t in job.tolerations] == [GPU_TAINT, EVICTION] and job.node_selector == {"pool": "h100"}
+    # The defaults: no queue and no priority class (a parameter cannot be null: "" is none), the step's namespace.
+    plain = resolve_config(RunParams(root=str(tmp_path), run_id="r2"))
+    assert (plain.cluster.kueue_queue, plain.cluster.priority_class, plain.cluster.namespace) == (None, None, "")
+    assert plain.cluster.s3_secret == "cafe-s3" and plain.cluster.image == "cafe-train:latest"
+    # The overrides come after the parameters; the pipeline's promotion mode after everything.
+    later = resolve_config(RunParams(root=str(tmp_path), run_id="r3", namespace="a",
+                                     overrides=["cluster.namespace=b", "promote.mode=auto"]), promote_mode="ci")
+    assert later.cluster.namespace == "b" and later.promote.mode == "ci"
+    with pytest.raises(ConfigError, match="cluster.kueue_queue"):  # checked where the configuration is made
+        resolve_config(RunParams(root=str(tmp_path), run_id="r4", kueue_queue="Not A Queue"))
+
+
 def test_parameters_reproduce_a_locally_resolved_config(tmp_path):
     """`cafe run` resolves once and passes parameters that give the same configuration back."""
     from cafe_core.config import load_config
@@ -128,6 +355,18 @@ def test_parameters_reproduce_a_locally_resolved_config(tmp_path):
     variant = resolve_config(of_config(cfg, "configs/local.yaml", overrides, AblationParams), lm_ratio=0.5)
     assert variant.run_id == f"{cfg.run_id}-lm0.5" and variant.train.output == f"{tmp_path}/runs/{variant.run_id}/train"
     assert variant.train.data == cfg.data.output and variant.train.loss.a_lm == 5.0
+    # A cluster section of every kind: the parameters carry it (tolerations as in a pod spec), and a null
+    # no parameter can say (no S3 Secret for the job) travels as an override.
+    job = [*overrides, "cluster.nodes=2", "cluster.gpus_per_node=4", "cluster.namespace=team-a",
+           "cluster.kueue_queue=gpu-queue", f"cluster.tolerations={json.dumps([GPU_TAINT, EVICTION])}",
+           "cluster.node_selector={pool: h100}", "cluster.s3_secret=null", "cluster.pending_timeout_seconds=60",
+           "train.global_batch_size=64", "train.nproc_per_node=4", "train.precision=bf16", "promote.mode=ci"]
+    cfg = load_config("configs/local.yaml", job)
+    params = of_config(cfg, "configs/local.yaml", job)
+    assert params.tolerations == [GPU_TAINT, EVICTION] and params.kueue_queue == "gpu-queue"
+    assert params.overrides[-1] == "cluster.s3_secret=null" and params.s3_secret == "cafe-s3"  # the tasks' Secret
+    again = resolve_config(params, promote_mode=cfg.promote.mode)
+    assert again == cfg and again.cluster.s3_secret is None
 
 
 def test_typed_parameters_reject_what_the_pipeline_cannot_take():
@@ -180,15 +419,18 @@ def test_command_line_compiles_and_refuses_a_five_field_cron(tmp_path):
 
 
 def test_cluster_training_step_launches_a_job_that_runs_cafe_train_on_the_run_config(tmp_path, monkeypatch):
-    """The train step in cluster mode: one PyTorchJob whose replicas read the run's resolved config from the
-    environment; the step's outcome is the committed final output the job wrote."""
+    """The train step in cluster mode: one training job, described by the pipeline's parameters through the run
+    configuration's cluster section, whose replicas read that configuration from the environment; the step's
+    outcome is the committed final output the job wrote."""
     import cafe_core.cluster.jobs as jobs
-    from cafe_core.cluster.pytorchjob import job_name
+    from cafe_core.cluster.spec import job_name
     from cafe_core.commit import OutputWriter
     from cafe_core.config import load_config
     from cafe_core.stages.train import train_in_cluster
 
-    cfg = resolve_config(RunParams(root=str(tmp_path), nodes=2, gpus_per_node=8, max_steps=5), "8f3c-RUN_1")
+    cfg = resolve_config(RunParams(root=str(tmp_path), nodes=2, gpus_per_node=8, max_steps=5,
+                                   train_image="registry/cafe-train:1", kueue_queue="gpu-queue",
+                                   tolerations=[EVICTION], node_selector={"pool": "h100"}), "8f3c-RUN_1")
     run_config = cfg.to_yaml()
     launched = []
 
@@ -203,11 +445,13 @@ def test_cluster_training_step_launches_a_job_that_runs_cafe_train_on_the_run_co
     monkeypatch.setenv("KFP_POD_UID", "uid-1")
     monkeypatch.setenv("POD_NAMESPACE", "ml")
     # namespace "" (the parameter's default): the step's own, where its profile's Secret and RBAC are
-    result = train_in_cluster(cfg, Storage(), "registry/cafe-train:1", 2, 8, "", "cafe-s3")
+    result = train_in_cluster(cfg, Storage())
     (spec,) = launched
     assert (spec.owner.name, spec.owner.uid) == ("cafe-run-train-pod", "uid-1")  # the job goes with the step
-    assert (spec.image, spec.nodes, spec.gpus_per_node, spec.namespace, spec.s3_secret) == (
-        "registry/cafe-train:1", 2, 8, "ml", "cafe-s3")
+    job = spec.settings
+    assert (job.image, job.nodes, job.gpus_per_node, spec.namespace, job.s3_secret, job.kueue_queue) == (
+        "registry/cafe-train:1", 2, 8, "ml", "cafe-s3", "gpu-queue")
+    assert job.all_tolerations() == [GPU_TAINT, EVICTION] and job.node_selector == {"pool": "h100"}
     assert spec.name == job_name("8f3c-RUN_1")
     assert spec.argv[-2:] == ["--config", "env:CAFE_CONFIG_YAML"]
     monkeypatch.setenv("CAFE_CONFIG_YAML", spec.env["CAFE_CONFIG_YAML"])

@@ -223,14 +223,6 @@ def test_lost_reply_does_not_move_aliases_twice(local, monkeypatch):
     assert [h.action for h in read_aliases(store, registry_root(cfg))[0].history] == ["promote", "promote", "rollback"]
 
 
-def test_kubeflow_registry_is_refused_clearly(local):
-    store, root = local
-    cfg, _, uri = gate_run(store, root, "r1")
-    cfg.registry.kubeflow_url = "http://model-registry:8080"
-    with pytest.raises(RegistryError, match="not supported in this build"):
-        promote(cfg, store, uri)
-
-
 # --- on S3: the whole flow, and promotions racing ----------------------------------------------------
 
 

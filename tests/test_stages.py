@@ -143,12 +143,11 @@ def test_train_component_runs_locally_or_as_a_cluster_job(tmp_path, run_config, 
     monkeypatch.setattr(stages.train, "train", fake("train", calls))
     monkeypatch.setattr(stages.train, "train_in_cluster", fake("train_in_cluster", calls))
     out = artifacts(tmp_path, "pairs", "model")
-    common = dict(run_config=run_config, pairs=out["pairs"], nodes=2, gpus_per_node=8, train_image="img:1",
-                  namespace="team", s3_secret="cafe-s3", model=out["model"])
+    common = dict(run_config=run_config, pairs=out["pairs"], model=out["model"])
     components.train.python_func(mode="local", **common)
     components.train.python_func(mode="cluster", **common)
-    assert calls == [("train", {}), ("train_in_cluster", {"image": "img:1", "nodes": 2, "gpus_per_node": 8,
-                                                          "namespace": "team", "s3_secret": "cafe-s3"})]
+    # The job's whole description is the run configuration's cluster section: nothing else is passed.
+    assert calls == [("train", {}), ("train_in_cluster", {})]
     assert out["model"].metadata["uri"].endswith("/train_in_cluster")
 
 
@@ -186,16 +185,18 @@ def test_promote_and_resolve_config_components(tmp_path, run_config, monkeypatch
     out = artifacts(tmp_path, "decision_record", "model", "champion")
     components.promote.python_func(run_config=run_config, **out)
     assert calls == [("promote", {})] and json.dumps(out["champion"].metadata)
+    job = dict(nodes=1, gpus_per_node=0, namespace="", train_image="cafe-train:1", s3_secret="cafe-s3",
+               kueue_queue="", priority_class="", pending_timeout_seconds=900, tolerations=[], node_selector={})
     text = components.resolve_config.python_func(
         kfp_run_id="kfp-9", root=str(tmp_path), run_id="", config="configs/local.yaml", data_uri="",
         model_preset="tiny", model_checkpoint="", a_con=10.0, temperature=0.05, max_steps=5, train_mode="local",
-        nodes=1, gpus_per_node=0, overrides=["train.seed=4"], lm_ratio=0.1)
+        overrides=["train.seed=4"], lm_ratio=0.1, **job)
     cfg = load_config(None, [])
     cfg = type(cfg).model_validate(__import__("yaml").safe_load(text))
     assert cfg.run_id == "kfp-9-lm0.1" and cfg.ablation.lm_ratio == 0.1 and cfg.train.seed == 4
     bad = dict(kfp_run_id="k", root=str(tmp_path), run_id="", config="configs/local.yaml", data_uri="",
                model_preset="tiny", model_checkpoint="", a_con=10.0, temperature=0.05, max_steps=5,
-               train_mode="local", nodes=1, gpus_per_node=0, overrides=[])
+               train_mode="local", overrides=[], **job)
     for change, named in (({"kfp_run_id": ""}, "no KFP run id"), ({"nodes": 0}, "nodes"),
                           ({"train_mode": "Local"}, "train_mode")):  # typed from the KFP UI: exit 2, one line
         with pytest.raises(SystemExit) as ended:

@@ -16,6 +16,7 @@ from cafe_core.commit import MANIFEST, OutputWriter, read_manifest, verify_outpu
 from cafe_core.ports import free_port
 from cafe_core.storage import (
     ChecksumError,
+    NoCredentials,
     NotCommittedError,
     ObjectNotFound,
     PreconditionFailed,
@@ -282,6 +283,18 @@ def test_dropped_connection_is_unavailable(monkeypatch):
     finally:
         listener.close()
     assert len(accepted) == 2
+
+
+def test_no_credentials_anywhere_is_one_clear_error(monkeypatch):
+    """Nothing in boto3's chain: one line naming every way to give credentials, raised before any request, and
+    not a StorageError (a missing object): like an outage, nothing can be read."""
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = Storage(endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1")
+    with pytest.raises(NoCredentials, match=r"^S3 get s3://b/k: no usable credentials \(Unable to locate "
+                                            r"credentials\); give static keys .*AWS_WEB_IDENTITY_TOKEN_FILE.*"
+                                            r"AWS_CONTAINER_CREDENTIALS_FULL_URI") as err:
+        store.read_bytes("s3://b/k")
+    assert not isinstance(err.value, StorageError) and isinstance(err.value, StorageUnavailable)
 
 
 def test_secrets_never_reach_artifacts(s3_env, bucket, monkeypatch):

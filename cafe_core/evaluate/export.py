@@ -27,12 +27,12 @@ from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from cafe_core.commit import ManifestEntry, OutputWriter, read_manifest
-from cafe_core.config import CafeConfig, EvalSetsConfig, PromptConfig
+from cafe_core.config import CafeConfig, PromptConfig
 from cafe_core.errors import BadInput
 from cafe_core.evaluate import sets as eval_sets
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.joint import CafeModel
-from cafe_core.model.locate import CheckpointRef, locate, model_config_for, verified_copy
+from cafe_core.model.locate import CheckpointRef, locate, model_config_for
 from cafe_core.storage import Storage
 from cafe_core.uris import join, sha256_bytes
 
@@ -265,39 +265,3 @@ class Embeddings:
 
     def ids(self, prefix: str) -> Iterator[str]:
         return (i for i in self.index["id"] if i.startswith(prefix))
-
-
-# --- the model that was measured is the model that ships ----------------------------------------------
-
-
-def reembed_check(cfg: CafeConfig, store: Storage, checkpoint_uri: str, export_uri: str) -> str:
-    """Re-embed a sample of the items exported at `export_uri` from the exact committed files of
-    `checkpoint_uri` (fresh download, sha256 checked against the manifest), with the sets, prompts and
-    precision recorded in the export, and compare. Raises ExportError when they differ by more than
-    promote.reembed_tolerance; returns a one-line account."""
-    p = cfg.promote
-    ref = locate(store, checkpoint_uri)
-    emb = Embeddings(store, export_uri)
-    if emb.checkpoint_digest != ref.digest:
-        raise ExportError(f"the export at {export_uri} is of checkpoint digest {emb.checkpoint_digest}, "
-                          f"not of {checkpoint_uri} ({ref.digest}): the embeddings evaluated are not this model's")
-    if p.reembed_sample == 0:
-        return "re-embedding check skipped (promote.reembed_sample=0)"
-    as_exported = cfg.model_copy(update={"eval_sets": EvalSetsConfig.model_validate(emb.summary["eval_sets"])})
-    prompts = PromptConfig.model_validate(emb.summary["prompts"])
-    ids = emb.index["id"]
-    step = max(1, len(ids) // p.reembed_sample)
-    wanted = set(ids[::step][: p.reembed_sample])
-    items = [it for it in collect_items(as_exported, store) if it.id in wanted]
-    if len(items) != len(wanted):
-        raise ExportError("the evaluation sets changed since the export: some exported items no longer exist")
-    with verified_copy(store, ref) as folder:
-        model, processor, device = load_for_inference(cfg, store, ref, emb.summary["precision"], folder=folder)
-        fresh = embed_items(model, InputBuilder(processor, prompts, emb.summary["max_length"]), items,
-                            cfg.export.batch_size, device)
-    cosine = (fresh * emb.get([it.id for it in items])).sum(-1)
-    worst = float((cosine - 1).abs().max())
-    if not worst <= p.reembed_tolerance:
-        raise ExportError(f"re-embedded items differ from the exported embeddings (max |cosine - 1| = {worst:.2e} > "
-                          f"{p.reembed_tolerance}): the files being promoted are not the model that was evaluated")
-    return f"re-embedded {len(items)} items from the promoted files: max |cosine - 1| = {worst:.1e}"

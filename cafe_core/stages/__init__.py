@@ -23,8 +23,12 @@ STAGES: dict[str, Callable[..., Result]] = {
     "gate": release.gate,
     "promote": release.promote,
 }
-# Run by hand, not by the pipeline.
-OTHER_STAGES: dict[str, Callable[..., Result]] = {"rollback": release.rollback}
+# Not in the local pipeline's order: promotion through CI (promote.mode: ci: the cluster pipeline verifies
+# and requests, the CI job promotes) and rollback (by hand or CI).
+OTHER_STAGES: dict[str, Callable[..., Result]] = {
+    "verify-release": release.verify_release, "request-promotion": release.request_promotion,
+    "rollback": release.rollback,
+}
 PIPELINE_ORDER = " -> ".join(STAGES) + " (on PASS)"
 
 

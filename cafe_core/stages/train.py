@@ -10,9 +10,6 @@ from cafe_core.errors import StageFailed
 from cafe_core.stages.base import Result, committed, stage
 from cafe_core.storage import Storage
 
-# What every replica of a cluster job runs: `cafe train` on the run's resolved configuration.
-CONFIG_ENV = "CAFE_CONFIG_YAML"
-
 
 def _trained(store: Storage, final: str, **meta) -> Result:
     """The final output, with its steps and held-out accuracy (from its manifest)."""
@@ -54,33 +51,20 @@ def train(cfg: CafeConfig, store: Storage) -> Result:
 
 
 @stage("train", lambda cfg: cfg.train.output)
-def train_in_cluster(cfg: CafeConfig, store: Storage, image: str, nodes: int, gpus_per_node: int, namespace: str,
-                     s3_secret: str) -> Result:
-    """Train as a Training Operator PyTorchJob (Master + Workers), followed until it ends; fails when the
-    job fails, times out or cannot be scheduled."""
+def train_in_cluster(cfg: CafeConfig, store: Storage) -> Result:
+    """Train as a training job in the cluster, everything from cfg.cluster: a Training Operator PyTorchJob
+    (Master + Workers) or a Kubeflow Trainer TrainJob (cluster.api), followed until it ends; fails when the job
+    fails, times out or cannot be scheduled. `cafe job render` prints the same job."""
     from cafe_core.cluster.jobs import run_training_job
-    from cafe_core.cluster.pytorchjob import (
-        CACHE_MOUNT,
-        TrainingJobSpec,
-        current_namespace,
-        job_name,
-        kfp_step_owner,
-    )
+    from cafe_core.cluster.spec import current_namespace, job_spec, kfp_step_owner
 
-    # The pod's ranks share its node-local cache volume: one copy of the shards and the model per node.
-    job_cfg = cfg.model_copy(deep=True)
-    job_cfg.train.cache.dir, job_cfg.model.cache_dir = f"{CACHE_MOUNT}/data", f"{CACHE_MOUNT}/models"
     # In multi-user Kubeflow a step may only create jobs in its profile's namespace, where the S3 Secret is.
-    namespace = namespace or current_namespace()
+    namespace = cfg.cluster.namespace or current_namespace()
     owner = kfp_step_owner()  # the job goes when the step's pod goes (cancelled, evicted, cleaned up)
     if owner is not None and owner.namespace != namespace:
         print(f"train: the job goes to namespace {namespace}, the step runs in {owner.namespace}: the job cannot be "
               "owned by the step's pod, so a cancelled run leaves it to its TTL; use the step's namespace", flush=True)
         owner = None
-    spec = TrainingJobSpec(
-        name=job_name(cfg.run_id), namespace=namespace, image=image, nodes=nodes, gpus_per_node=gpus_per_node,
-        argv=["-m", "cafe_core.cli", "train", "--config", f"env:{CONFIG_ENV}"],
-        s3_secret=s3_secret, env={CONFIG_ENV: job_cfg.to_yaml()}, owner=owner,
-    )
+    spec = job_spec(cfg, owner=owner, namespace=namespace)
     run_training_job(spec)
     return _trained(store, f"{cfg.train.output}/final", job=spec.name)
