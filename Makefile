@@ -19,12 +19,13 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/cafe run --config $(CONFIG) $(ARGS)
 
+# The whole suite on one worker per core (at most 4: the end-to-end run is the critical path).
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto --maxprocesses 4 $(ARGS)
 
 # The fast tier: every module's unit tests, no end-to-end runs (under 3 minutes on 2 cores).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n auto --maxprocesses 4 -m "not slow" $(ARGS)
 
 benchmarks: $(STAMP)
 	for b in convert train_step contrastive_batch node_cache retrieval export pipeline_overhead; do $(PY) benchmarks/$$b.py || exit 1; done

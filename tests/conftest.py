@@ -159,3 +159,22 @@ def cafe_main(monkeypatch):
             os.environ.update(saved)
 
     return run
+
+
+# --- workers and order -----------------------------------------------------------------------------------
+
+# `make test` runs one pytest-xdist worker per core: each worker's torch (and the processes it starts, which
+# inherit the variable) then uses one thread instead of every core, which would only oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The longest tests start first, so that they overlap the many short ones instead of running alone at the end.
+_FIRST = ("tests/test_gate_integration.py", "tests/test_pipeline_local.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return _FIRST.index(path) if path in _FIRST else len(_FIRST) + (0 if item.get_closest_marker("slow") else 1)
+
+    items.sort(key=rank)  # stable: the order within each rank is the collection's

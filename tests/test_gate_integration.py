@@ -42,6 +42,17 @@ def test_trained_passes_the_shipped_gate_and_untrained_fails(s3_env, bucket, cap
     assert aliases["champion"] == "v1"
     check_run_outputs(bucket, "trained", trained.stdout, store)
 
+    # The cluster's build (promote.mode ci) ends the same PASS with its two release steps: the parity check on
+    # the run's real files, then the request to the CI (none configured: the command to start it by hand).
+    released = ["--config", "configs/local.yaml", root, "run_id=trained", "promote.mode=ci"]
+    capsys.readouterr()
+    assert main(["verify-release", *released]) == 0, capsys.readouterr().err[-3000:]
+    assert "verify-release: parity record" in capsys.readouterr().out
+    record = store.read_json(f"{bucket}/runs/trained/gate/parity/parity.json")
+    decision = store.read_json(f"{bucket}/runs/trained/gate/decision.json")
+    assert record["passed"] is True and record["checkpoint_digest"] == decision["checkpoint_digest"]
+    assert main(["request-promotion", *released]) == 0
+    assert f"gh workflow run promote.yml -f decision_uri={bucket}/runs/trained/gate/decision.json" in capsys.readouterr().out
 
     # The same data and sets, the model without training: export, evaluate, gate -> FAIL, promote refused
     # (the stages in this process: the pipeline around them is what the run above showed).
