@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 ARGS   ?=
 
-.PHONY: run test test-fast venv constraints benchmarks gpu-wheels clean
+.PHONY: run base test test-fast venv constraints benchmarks gpu-wheels clean
 
 # The venv is rebuilt when the constraints or the package metadata change.
 $(STAMP): constraints.txt pyproject.toml
@@ -20,6 +20,11 @@ run: $(STAMP)
 	$(VENV)/bin/cafe run --config $(CONFIG) $(ARGS)
 
 # The whole suite on one worker per core (at most 4: the end-to-end run is the critical path).
+# The tiny pretrained base that `make run` fine-tunes (committed in models/shapes-base; rebuild after changing
+# configs/base.yaml or the instruction split, then commit it with its card).
+base: $(STAMP)
+	$(VENV)/bin/cafe pretrain --config configs/base.yaml --out models/shapes-base $(ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --maxprocesses 4 $(ARGS)
 

@@ -52,6 +52,7 @@ STAGE_OPTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "export": lambda args: {"progress": True},
     "evaluate": _evaluate_options,
     "gate": lambda args: {"dry_run": args.dry_run},
+    "pretrain": lambda args: {"out": args.out, "progress": True},
 }
 
 
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                      ("--merge", {"dest": "merge_only", "action": "store_true",
                                   "help": "only combine the families' outputs"})],
         "gate": [("--dry-run", {"action": "store_true", "help": "print the decision, write nothing"})],
+        "pretrain": [("--out", {"default": "models/shapes-base", "help": "the local folder the base model and its "
+                                "card are written to (default: %(default)s)"})],
     }
     data = sub.add_parser("data", help="synthetic data").add_subparsers(dest="data_command", required=True)
     for name, fn in {**STAGES, **OTHER_STAGES}.items():

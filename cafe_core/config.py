@@ -23,7 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cafe_core.cluster.settings import ClusterConfig
 from cafe_core.errors import BadInput
 from cafe_core.layout import TEMPLATE
-from cafe_core.prompts import IM_END, IMAGE_PROMPT, IMAGE_TOKEN, SYSTEM, TEXT_PROMPT
+from cafe_core.prompts import (
+    DESCRIBE,
+    IM_END,
+    IMAGE_PROMPT,
+    IMAGE_TOKEN,
+    MC_SUFFIX,
+    SHORT_ANSWER_SUFFIX,
+    SYSTEM,
+    TEXT_PROMPT,
+)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # where configs/ ships
 
@@ -81,6 +90,10 @@ class SynthConfig(Strict):
     mmeb_candidates: int = Field(8, ge=2)
     mc_questions: int = Field(100, ge=1)
     caption_images: int = Field(50, ge=1)
+    # The instruction split the tiny base is pretrained on (cafe_core/data/instruct.py); 0: not written.
+    instruct_size: int = Field(0, ge=0)
+    instruct_describe_fraction: float = Field(0.3, ge=0.0, le=1.0)  # rows that are one detailed description
+    instruct_questions: int = Field(4, ge=1, le=16)  # questions in each other row
 
 
 # --- conversion --------------------------------------------------------------------------------------
@@ -379,9 +392,9 @@ class GenerationConfig(Strict):
     max_new_tokens: int = Field(8, ge=1)  # POPE and multiple-choice answers
     caption_max_new_tokens: int = Field(96, ge=1)
     # LLaVA-style suffixes and the description prompt (SPEC section 5)
-    pope_suffix: str = "\nAnswer the question using a single word or phrase."
-    mc_suffix: str = "\nAnswer with the option's letter from the given choices directly."
-    caption_prompt: str = "Describe the image in detail."
+    pope_suffix: str = SHORT_ANSWER_SUFFIX
+    mc_suffix: str = MC_SUFFIX
+    caption_prompt: str = DESCRIBE
 
 
 class EvaluateConfig(Strict):

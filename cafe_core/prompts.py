@@ -14,3 +14,8 @@ MMEB_IMAGE_TOKEN = "<|image_1|>"  # what MMEB-eval's files write where the image
 SYSTEM = "You are a helpful assistant."
 IMAGE_PROMPT = "Compress this image in one word:"
 TEXT_PROMPT = "Compress this sentence in one word:"
+
+# The generative benchmarks' instructions (LLaVA's evaluation prompts), which the training data asks too.
+DESCRIBE = "Describe the image in detail."
+SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
+MC_SUFFIX = "\nAnswer with the option's letter from the given choices directly."

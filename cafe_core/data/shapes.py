@@ -474,3 +474,17 @@ def shape_choice(scene: Scene, rng: np.random.Generator, answer_index: int) -> M
         "coarse perception",
         "object recognition",
     )
+
+
+def position_choice(scene: Scene, rng: np.random.Generator, answer_index: int) -> MultipleChoice:
+    """Needs an object whose shape is unique in the scene (see ``unique_shape_objects``)."""
+    candidates = unique_shape_objects(scene)
+    obj = candidates[int(rng.integers(len(candidates)))]
+    pool = [p for row in _POSITION_WORDS for p in row if p != obj.position]
+    return MultipleChoice(
+        f"Where is the {obj.shape}?",
+        _options(obj.position, pool, answer_index, rng),
+        LETTERS[answer_index],
+        "fine-grained perception",
+        "spatial relation",
+    )

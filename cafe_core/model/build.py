@@ -38,7 +38,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging as hf_logging
 
 from cafe_core.cache import folder_lock
-from cafe_core.config import ModelConfig, ModelPreset, TinyModelConfig
+from cafe_core.config import PROJECT_DIR, ModelConfig, ModelPreset, TinyModelConfig
 from cafe_core.errors import BadInput
 from cafe_core.model.tokenizer import CHAT_TEMPLATE, build_tokenizer
 from cafe_core.prompts import IMAGE_TOKEN, VIDEO_TOKEN
@@ -280,6 +280,8 @@ def build(
         folder = Path(cfg.checkpoint)
         if is_s3(cfg.checkpoint):
             folder = fetch_checkpoint(cfg.checkpoint, Path(cfg.cache_dir), store or Storage())
+        elif not folder.is_absolute() and not folder.exists() and (PROJECT_DIR / folder).is_dir():
+            folder = PROJECT_DIR / folder  # models/shapes-base from any working directory (pipeline steps)
         return load(folder, cfg)
     tokenizer = build_tokenizer(cfg.tiny.vocab_size)
     if cfg.preset == "tiny":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from cafe_core.stages import data, evaluate, release, train
+from cafe_core.stages import data, evaluate, pretrain, release, train
 from cafe_core.stages.base import Result
 
 # The main job's stages, in order: `cafe <name>` runs one; `cafe run` runs them all as the KFP pipeline.
@@ -24,10 +24,10 @@ STAGES: dict[str, Callable[..., Result]] = {
     "promote": release.promote,
 }
 # Not in the local pipeline's order: promotion through CI (promote.mode: ci: the cluster pipeline verifies
-# and requests, the CI job promotes) and rollback (by hand or CI).
+# and requests, the CI job promotes), rollback (by hand or CI), and the tiny base model (`make base`).
 OTHER_STAGES: dict[str, Callable[..., Result]] = {
     "verify-release": release.verify_release, "request-promotion": release.request_promotion,
-    "rollback": release.rollback,
+    "rollback": release.rollback, "pretrain": pretrain.pretrain,
 }
 PIPELINE_ORDER = " -> ".join(STAGES) + " (on PASS)"
 
