@@ -19,12 +19,11 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/cafe run --config $(CONFIG) $(ARGS)
 
-# The whole suite on one worker per core (at most 4: the end-to-end run is the critical path).
-# The tiny pretrained base that `make run` fine-tunes (committed in models/shapes-base; rebuild after changing
-# configs/base.yaml or the instruction split, then commit it with its card).
+# The tiny pretrained base (LM loss only, configs/base.yaml) with its model card, into models/shapes-base.
 base: $(STAMP)
 	$(VENV)/bin/cafe pretrain --config configs/base.yaml --out models/shapes-base $(ARGS)
 
+# The whole suite on one worker per core (at most 4: the end-to-end run is the critical path).
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --maxprocesses 4 $(ARGS)
 

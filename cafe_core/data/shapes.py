@@ -449,18 +449,25 @@ def count_choice(scene: Scene, rng: np.random.Generator, answer_index: int) -> M
     )
 
 
-def colour_choice(scene: Scene, rng: np.random.Generator, answer_index: int) -> MultipleChoice:
-    """Needs an object whose shape is unique in the scene (see ``unique_shape_objects``)."""
+def _attribute_choice(scene: Scene, rng: np.random.Generator, answer_index: int, attribute: str, values: list[str],
+                      question: str, l2_category: str) -> MultipleChoice:
+    """A question about one attribute of an object named by its shape, unique in the scene (see
+    ``unique_shape_objects``); the wrong options are other values of that attribute."""
     candidates = unique_shape_objects(scene)
     obj = candidates[int(rng.integers(len(candidates)))]
-    pool = [c for c in COLOURS if c != obj.colour]
+    correct = getattr(obj, attribute)
     return MultipleChoice(
-        f"What colour is the {obj.shape}?",
-        _options(obj.colour, pool, answer_index, rng),
+        question.format(shape=obj.shape),
+        _options(correct, [v for v in values if v != correct], answer_index, rng),
         LETTERS[answer_index],
         "fine-grained perception",
-        "attribute recognition",
+        l2_category,
     )
+
+
+def colour_choice(scene: Scene, rng: np.random.Generator, answer_index: int) -> MultipleChoice:
+    return _attribute_choice(scene, rng, answer_index, "colour", list(COLOURS), "What colour is the {shape}?",
+                             "attribute recognition")
 
 
 def shape_choice(scene: Scene, rng: np.random.Generator, answer_index: int) -> MultipleChoice:
@@ -477,14 +484,5 @@ def shape_choice(scene: Scene, rng: np.random.Generator, answer_index: int) -> M
 
 
 def position_choice(scene: Scene, rng: np.random.Generator, answer_index: int) -> MultipleChoice:
-    """Needs an object whose shape is unique in the scene (see ``unique_shape_objects``)."""
-    candidates = unique_shape_objects(scene)
-    obj = candidates[int(rng.integers(len(candidates)))]
-    pool = [p for row in _POSITION_WORDS for p in row if p != obj.position]
-    return MultipleChoice(
-        f"Where is the {obj.shape}?",
-        _options(obj.position, pool, answer_index, rng),
-        LETTERS[answer_index],
-        "fine-grained perception",
-        "spatial relation",
-    )
+    return _attribute_choice(scene, rng, answer_index, "position", [p for row in _POSITION_WORDS for p in row],
+                             "Where is the {shape}?", "spatial relation")

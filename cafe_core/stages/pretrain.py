@@ -18,7 +18,7 @@ from cafe_core.errors import BadInput
 from cafe_core.layout import METRICS_FILE
 from cafe_core.stages.base import Result, stage
 from cafe_core.storage import Storage
-from cafe_core.uris import join
+from cafe_core.uris import check_relative, join, relative_to
 
 # The metrics the card shows (all of them are in metrics.json next to it).
 CARD_METRICS = ("pope/random/accuracy", "pope/popular/accuracy", "pope/adversarial/accuracy",
@@ -63,11 +63,9 @@ def write_folder(cfg: CafeConfig, store: Storage, out: Path, record: dict) -> No
     staging.mkdir(parents=True)
     model = join(cfg.train.output, "final", "model")
     for obj in store.list(model):
-        name = obj.uri[len(model) + 1:]
-        if name.startswith("_"):  # the output's own manifest and markers, not the model's
-            continue
-        (staging / name).parent.mkdir(parents=True, exist_ok=True)
-        (staging / name).write_bytes(store.read_bytes(obj.uri))
+        name = check_relative(relative_to(obj.uri, model))
+        if not name.startswith("_"):  # the output's own manifest and markers are not the model's
+            store.download(obj.uri, staging / name)
     (staging / "README.md").write_text(model_card(cfg, record))
     (staging / "metrics.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     old = out.with_name(f".{out.name}.old")
