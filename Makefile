@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 ARGS   ?=
 
-.PHONY: run base test test-fast venv constraints benchmarks gpu-wheels clean
+.PHONY: run base ablation test test-fast venv constraints benchmarks gpu-wheels clean
 
 # The venv is rebuilt when the constraints or the package metadata change.
 $(STAMP): constraints.txt pyproject.toml
@@ -22,6 +22,10 @@ run: $(STAMP)
 # The tiny pretrained base (LM loss only, configs/base.yaml) with its model card, into models/shapes-base.
 base: $(STAMP)
 	$(VENV)/bin/cafe pretrain --config configs/base.yaml --out models/shapes-base $(ARGS)
+
+# The a_lm:a_con ablation (the paper's Table 7) and an LM-only fine-tuning of the base, compared with it.
+ablation: $(STAMP)
+	$(VENV)/bin/cafe ablation --config $(CONFIG) $(ARGS)
 
 # The whole suite on one worker per core (at most 4: the end-to-end run is the critical path).
 test: $(STAMP)

@@ -21,7 +21,7 @@ from cafe_core.commit import read_manifest
 from cafe_core.config import FAMILIES, CafeConfig, load_config
 from cafe_core.connect import connect, wants_embedded
 from cafe_core.errors import BadInput, CafeError, StageFailed, exit_line
-from cafe_core.layout import METRICS_FILE, run_prefix
+from cafe_core.layout import METRICS_FILE, RunLayout, run_prefix
 from cafe_core.s3server import EmbeddedS3, browse_hint
 from cafe_core.stages import OTHER_STAGES, PIPELINE_ORDER, STAGES, Result, help_of
 from cafe_core.storage import StorageError
@@ -76,11 +76,12 @@ def stage_command(name: str, fn: Callable[..., Result]) -> Callable[[Any], None]
 def cmd_run(args) -> None:
     """The main job: the whole KFP pipeline locally through kfp.local, then the metrics, the decision and
     where everything went."""
-    from cafe_core.evaluate.report import metrics_markdown
+    from cafe_core.evaluate.report import metrics_markdown, side_by_side_markdown
     from cafe_core.kfp_local import failure_reason, log_path, run_pipeline, where_everything_went
     from cafe_core.records import read_decision, registry_root
     from cafe_core.registry import read_aliases
     from cafe_core.stages.evaluate import HEADLINE_METRICS
+    from cafe_core.stages.pretrain import card_metrics
 
     cfg = _config(args)
     with connect(cfg.s3, cfg.uris()) as store:
@@ -96,8 +97,14 @@ def cmd_run(args) -> None:
         metrics = f"{cfg.evaluate.output}/{METRICS_FILE}"
         record = store.read_json(metrics)
         decision = read_decision(store, cfg.promote.decision)
-        print(f"\nMetrics ({metrics}; all of them in report.html):")
-        print(metrics_markdown(record["metrics"], HEADLINE_METRICS))
+        base = card_metrics(cfg, store)
+        if base is None:
+            print(f"\nMetrics ({metrics}; all of them in report.html):")
+            print(metrics_markdown(record["metrics"], HEADLINE_METRICS))
+        else:
+            print(f"\nMetrics: the base {cfg.model.checkpoint} (its card) and the fine-tuned model ({metrics}; "
+                  "all of them in report.html):")
+            print(side_by_side_markdown(record["metrics"], base, HEADLINE_METRICS))
         print(f"\n{decision.summary()}")
         if not decision.passed:
             print("promote: skipped (the gate did not pass)")
@@ -115,6 +122,36 @@ def cmd_run(args) -> None:
         if store.endpoint_url and is_s3(cfg.root):
             print(browse_hint(store.endpoint_url, f"{run_prefix(cfg.root, cfg.run_id)}/"))
             print("  (the embedded server stops with this command; `cafe s3 serve` keeps one running)")
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers, e.g. 0,0.1,1") from None
+    if any(not r >= 0 for r in ratios):  # (NaN too)
+        raise argparse.ArgumentTypeError(f"{text!r}: a ratio a_lm / a_con is >= 0")
+    return ratios
+
+
+def cmd_ablation(args) -> None:
+    """The a_lm:a_con ablation (the paper's Table 7) through kfp.local: one fine-tuning per ratio and an LM-only
+    one, then the comparison table, plot and modality-gap scatters."""
+    from cafe_core.kfp_local import failure_reason, log_path, run_pipeline
+    from cafe_core.params import DEFAULT_RATIOS
+
+    cfg = _config(args)
+    ratios = args.ratios or DEFAULT_RATIOS
+    with connect(cfg.s3, cfg.uris()) as store:
+        print(f"ablation {cfg.run_id}: ratios {', '.join(f'{r:g}' for r in ratios)} and LM only, through kfp.local")
+        try:
+            timing = run_pipeline(cfg, store, args.config, args.overrides, "cafe-ablation", ratios=ratios)
+        except RuntimeError as e:
+            log = log_path(cfg.run_id)
+            raise StageFailed(f"ablation: {failure_reason(log) or e}\n  (the whole log: {log})") from None
+        where = RunLayout(cfg.root, cfg.run_id).ablation
+        print(store.read_text(f"{where}/comparison.md"))
+        print(f"ablation: {timing['wall']:.0f} s; {where}/comparison.html (table and pictures), log {timing['log']}")
 
 
 def cmd_s3_serve(args) -> None:
@@ -290,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("run", cmd_run, f"run the main job, the whole pipeline through kfp.local ({PIPELINE_ORDER}), and print "
                         "the metrics, the decision and where everything went")
+    add("ablation", cmd_ablation, "fine-tune with each a_lm:a_con ratio and with the LM loss only (the paper's "
+        "Table 7) through kfp.local, and compare them with the base: table, plot, modality-gap scatters",
+        positionals=[("--ratios", {"type": _ratios, "metavar": "R,R,...",
+                                   "help": "a_lm / a_con per variant, comma-separated (default: 0,0.05,0.1,0.2,1)"})])
     options = {
         "evaluate": [("--family", {"action": "append", "choices": FAMILIES, "help": "run only this family "
                                    "(repeatable); without --merge the combined metrics are not written"}),

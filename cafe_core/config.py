@@ -481,7 +481,7 @@ class GateConfig(Strict):
 class AblationVariant(Strict):
     """Set on each variant of the a_lm:a_con ablation (the paper's Table 7) by the ablation pipeline."""
 
-    lm_ratio: float = Field(ge=0)  # a_lm / a_con
+    lm_ratio: float | None = Field(ge=0)  # a_lm / a_con; None: the LM-only variant (a_con = 0)
     base_run_id: str  # the run whose converted pairs every variant trains on
 
 

@@ -156,10 +156,11 @@ def of_config(cfg: CafeConfig, config: str, overrides: list[str], kind: type[_Pa
 
 
 def resolve_config(params: _Params, kfp_run_id: str = "", lm_ratio: float | None = None,
-                   promote_mode: str | None = None) -> CafeConfig:
+                   promote_mode: str | None = None, lm_only: bool = False) -> CafeConfig:
     """The run's configuration: the base file, then the parameters, then `params.overrides`; a run_id
     parameter wins over the overrides, the KFP run's id does not. An ablation variant (lm_ratio set) runs
-    as `<run id>-lm<ratio>` with a_lm = lm_ratio * a_con, on the base run's converted pairs. promote_mode:
+    as `<run id>-lm<ratio>` with a_lm = lm_ratio * a_con, on the base run's converted pairs; lm_only: the
+    ablation's LM-only variant, `<run id>-lmonly` with a_con = 0 (a_lm as configured). promote_mode:
     the promotion the pipeline is built for (`promote.mode`; it wins over the overrides: the configuration
     must say what the pipeline does)."""
     if not (params.run_id or kfp_run_id):
@@ -188,11 +189,13 @@ def resolve_config(params: _Params, kfp_run_id: str = "", lm_ratio: float | None
     if promote_mode:
         args.append(f"promote.mode={promote_mode}")
     cfg = load_config(params.config, args)
-    if lm_ratio is not None:
+    if lm_ratio is not None or lm_only:
         base = RunLayout(cfg.root, cfg.run_id)
-        cfg = load_config(params.config, [
-            *args, f"run_id={base.run_id}-lm{lm_ratio:g}", f"train.loss.a_lm={lm_ratio * cfg.train.loss.a_con}",
-            f"train.data={base.convert}", f"ablation.lm_ratio={lm_ratio}", f"ablation.base_run_id={base.run_id}"])
+        loss = (["train.loss.a_con=0", "ablation.lm_ratio=null", f"run_id={base.run_id}-lmonly"] if lm_only else
+                [f"train.loss.a_lm={lm_ratio * cfg.train.loss.a_con}", f"ablation.lm_ratio={lm_ratio}",
+                 f"run_id={base.run_id}-lm{lm_ratio:g}"])
+        cfg = load_config(params.config, [*args, *loss, f"train.data={base.convert}",
+                                          f"ablation.base_run_id={base.run_id}"])
     job = cfg.cluster
     procs = job.nodes * max(job.gpus_per_node, 1) * cfg.train.grad_accum
     if job.nodes > 1 and cfg.train.global_batch_size % procs:

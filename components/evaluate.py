@@ -46,10 +46,12 @@ def evaluate_all(run_config: str, families: list, model: Input[Model], embedding
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def compare_ablation(run_config: str, variants: Input[List[Metrics]], table: Output[Markdown], report: Output[HTML]):
-    """One comparison table of the a_lm:a_con variants: retrieval against understanding."""
+def compare_ablation(run_config: str, variants: Input[List[Metrics]], lm_only: Input[Metrics], table: Output[Markdown],
+                     report: Output[HTML]):
+    """One comparison table and plot of the a_lm:a_con variants and the LM-only one, the base as a reference:
+    retrieval against understanding; the modality gap before and after fine-tuning."""
     from cafe_core.stages.evaluate import compare_ablation as stage
     from cafe_core.stages.step import publish, run_step
 
-    result = run_step(stage, run_config, variants=[dict(v.metadata) for v in variants])
+    result = run_step(stage, run_config, variants=[dict(v.metadata) for v in [*variants, lm_only]])
     publish(result, documents={"comparison.md": table, "comparison.html": report})

@@ -16,9 +16,9 @@ from pipelines.common import CONVERT, DATA, LAUNCHER, LIGHT, Tasks, config_input
 PARALLELISM = 1
 
 DOC = """CAFe a_lm:a_con sweep. ratios: a_lm / a_con per variant (0 = contrastive only; 0.1 = the paper's
-default 1:10). Each variant records its ratio in its config (`ablation.lm_ratio`), runs as
-`<run id>-lm<ratio>`, and trains on the run's converted pairs; the other parameters are the cafe
-pipeline's."""
+default 1:10); one more variant trains with the LM loss only (a_con = 0, `<run id>-lmonly`). Each variant
+records its ratio in its config (`ablation.lm_ratio`), runs as `<run id>-lm<ratio>`, and trains on the run's
+converted pairs; the other parameters are the cafe pipeline's."""
 
 
 def build(parallelism: int = PARALLELISM, defaults: AblationParams | None = None, local: bool = False):
@@ -31,17 +31,20 @@ def build(parallelism: int = PARALLELISM, defaults: AblationParams | None = None
         data = t.cpu(prepare_data(run_config=base.output), "prepare data", DATA)
         pairs = t.cpu(convert(run_config=base.output, synthetic=data.outputs["synthetic"]), "convert", CONVERT)
         checked = t.cpu(validate(run_config=base.output, pairs=pairs.outputs["pairs"]), "validate", DATA)
-        with dsl.ParallelFor(p["ratios"], name="ratios", parallelism=parallelism) as ratio:
-            variant = t.cpu(resolve_config(**config_inputs(resolve_config, p, lm_ratio=ratio)), "variant config",
-                            LIGHT).output
-            trained = t.cpu(train(run_config=variant, pairs=pairs.outputs["pairs"], mode=p["train_mode"]), "train",
+        def variant(**which):  # one variant's configuration, training and evaluation
+            config = t.cpu(resolve_config(**config_inputs(resolve_config, p, **which)), "variant config", LIGHT).output
+            trained = t.cpu(train(run_config=config, pairs=pairs.outputs["pairs"], mode=p["train_mode"]), "train",
                             LAUNCHER, cache=False)
             trained.after(checked)
-            embedded = t.gpu(export(run_config=variant, model=trained.outputs["model"]), "export")
-            scored = t.gpu(evaluate_all(run_config=variant, families=ABLATION_FAMILIES, model=trained.outputs["model"],
-                                        embeddings=embedded.outputs["embeddings"]), "evaluate", cache=False)
-        t.cpu(compare_ablation(run_config=base.output, variants=dsl.Collected(scored.outputs["metrics"])), "compare",
-              LIGHT, cache=False)
+            embedded = t.gpu(export(run_config=config, model=trained.outputs["model"]), "export")
+            return t.gpu(evaluate_all(run_config=config, families=ABLATION_FAMILIES, model=trained.outputs["model"],
+                                      embeddings=embedded.outputs["embeddings"]), "evaluate", cache=False)
+
+        with dsl.ParallelFor(p["ratios"], name="ratios", parallelism=parallelism) as ratio:
+            scored = variant(lm_ratio=ratio)
+        lm_only = variant(lm_only=True)  # what the contrastive term adds: the same data, a_con = 0
+        t.cpu(compare_ablation(run_config=base.output, variants=dsl.Collected(scored.outputs["metrics"]),
+                               lm_only=lm_only.outputs["metrics"]), "compare", LIGHT, cache=False)
 
     description = "CAFe a_lm:a_con sweep: retrieval vs understanding per ratio"
     return dsl.pipeline(name="cafe-ablation", description=description)(

@@ -143,9 +143,12 @@ def test_every_reference_resolves_where_it_is_used(name):
     walk(spec["root"]["dag"], inputs_of(spec["root"]["inputDefinitions"]))
 
 
-GPU_TASKS = {"export", "verify-release", "evaluate", *(f"evaluate-{i}" for i in range(2, 7))}
+# (KFP numbers a component's second task in one pipeline: the ablation's LM-only variant is "train-2", ...)
+GPU_TASKS = {"export", "export-2", "verify-release", "evaluate", *(f"evaluate-{i}" for i in range(2, 7)),
+             "evaluate-all", "evaluate-all-2"}
 LIGHT_TASKS = {"resolve-config", "merge-evaluation", "gate", "request-promotion", "compare-ablation",
-               "resolve-config-2"}
+               "resolve-config-2", "resolve-config-3"}
+TRAIN_TASKS = {"train", "train-2"}
 
 
 @pytest.mark.parametrize("name", ["cafe.yaml", "cafe-ablation.yaml"])
@@ -161,7 +164,7 @@ def test_tasks_have_resources_timeouts_and_retries(name):
         container, k8s = containers[label]["container"], platform[label]
         res = container["resources"]
         assert 0 < int(k8s["activeDeadlineSeconds"]) <= TRAIN_TIMEOUT, task_name  # every task has a timeout
-        if task_name in GPU_TASKS or task_name == "evaluate-all":
+        if task_name in GPU_TASKS:
             # The model's tasks: the training image, the inference GPUs and memory from the parameters, and the
             # placement the training job gets too.
             assert container["image"] == param("train_image"), task_name
@@ -179,7 +182,7 @@ def test_tasks_have_resources_timeouts_and_retries(name):
                 assert 0 < parse_quantity(request) <= parse_quantity(limit), task_name
         if task_name in LIGHT_TASKS:
             assert parse_quantity(res["resourceCpuRequest"]) <= 0.5 and gib(res["resourceMemoryRequest"]) <= 1
-        if task_name == "train":  # in cluster mode it only follows the job: a small request, the longest timeout
+        if task_name in TRAIN_TASKS:  # in cluster mode it only follows the job: a small request, the longest timeout
             assert parse_quantity(res["resourceCpuRequest"]) <= 1 and gib(res["resourceMemoryRequest"]) <= 2
             assert int(k8s["activeDeadlineSeconds"]) == TRAIN_TIMEOUT
             assert task["retryPolicy"]["maxRetryCount"] == 1  # adopts the running job / resumes a failed one
@@ -259,6 +262,9 @@ def test_ablation_pipeline_structure():
     assert {"train", "export", "evaluate-all"} <= set(inner)
     compare = tasks["compare-ablation"]
     assert compare["inputs"]["artifacts"]["variants"]["taskOutputArtifact"]["producerTask"] == loop_name
+    # The LM-only variant beside the loop: its own configuration (lm_only), training and evaluation.
+    assert compare["inputs"]["artifacts"]["lm_only"]["taskOutputArtifact"]["producerTask"] == "evaluate-all-2"
+    assert tasks["resolve-config-3"]["inputs"]["parameters"]["lm_only"]["runtimeValue"]["constant"] is True
 
 
 @pytest.mark.parametrize("name, kind", [("cafe.yaml", RunParams), ("cafe-ablation.yaml", AblationParams)])
@@ -301,6 +307,9 @@ def test_resolve_config_maps_parameters(tmp_path):
     variant = resolve_config(AblationParams(root=str(tmp_path), run_id="r9", max_steps=5), "x", lm_ratio=0.2)
     assert variant.run_id == "r9-lm0.2" and variant.train.loss.a_lm == pytest.approx(2.0)
     assert variant.ablation.lm_ratio == 0.2 and variant.ablation.base_run_id == "r9"  # the ratio is config
+    lm_only = resolve_config(AblationParams(root=str(tmp_path), run_id="r9", max_steps=5), "x", lm_only=True)
+    assert lm_only.run_id == "r9-lmonly" and lm_only.train.loss.a_con == 0 and lm_only.train.loss.a_lm > 0
+    assert lm_only.ablation.lm_ratio is None and lm_only.train.data == variant.train.data
     assert variant.train.data == f"{tmp_path}/runs/r9/convert"  # the base run's pairs
     with pytest.raises(ConfigError, match="not divisible by 3 nodes"):
         resolve_config(RunParams(root=str(tmp_path), run_id="r", nodes=3))
@@ -388,14 +397,36 @@ def test_compare_ablation_table(tmp_path):
         {"retrieval/shapes/i2t_R@1": 0.45, "pope/average/f1": 0.1,
          "cafe_output": {"run_id": "abl-lm0", "lm_ratio": 0.0}},
     ]
+    variants.insert(0, {"retrieval/shapes/i2t_R@1": 0.05, "pope/average/accuracy": 0.8, "mc/mmstar/accuracy": 0.7,
+                        "cafe_output": {"run_id": "abl-lmonly", "lm_ratio": None}})
     result = compare_ablation(cfg, Storage(), variants)
     markdown, html = result.documents["comparison.md"], result.documents["comparison.html"]
     lines = markdown.splitlines()
     assert lines[4].startswith("| 0 | abl-lm0 | 0.4500 |") and "n/a" in lines[4]  # sorted by ratio
     assert lines[5].startswith("| 0.1 | abl-lm0.1 | 0.4000 | 0.3000 | 0.3000 | 0.6600 | 0.5000 | 0.2000 |")
-    assert "<table" in html
-    assert (tmp_path / "runs" / "abl" / "ablation" / "comparison.md").read_text() == markdown
+    assert lines[6].startswith("| LM only | abl-lmonly | 0.0500 |")  # after the ratios
+    assert "<table" in html and "data:image/png;base64," in html
+    out = tmp_path / "runs" / "abl" / "ablation"
+    assert (out / "comparison.md").read_text() == markdown and "![ablation.png](ablation.png)" in markdown
+    assert (out / "ablation.png").read_bytes().startswith(b"\x89PNG")
     assert result.uri == f"{tmp_path}/runs/abl/ablation"
+
+    # Starting from a base with a card: its row is the reference, and its gap scatter is the "before" picture
+    # beside the configured ratio's (1:10) "after".
+    card = tmp_path / "base"
+    card.mkdir()
+    (card / "metrics.json").write_text(json.dumps({"metrics": {"retrieval/shapes/i2t_R@1": 0.02,
+                                                                "pope/average/accuracy": 0.9}}))
+    (card / "gap_shapes.png").write_bytes(b"\x89PNG before")
+    after = tmp_path / "runs" / "abl-lm0.1" / "evaluate" / "gap"
+    after.mkdir(parents=True)
+    (after / "gap_shapes.png").write_bytes(b"\x89PNG after")
+    cfg = resolve_config(AblationParams(root=str(tmp_path), run_id="abl", model_checkpoint=str(card)))
+    result = compare_ablation(cfg, Storage(), variants)
+    last = result.documents["comparison.md"].splitlines()[7]
+    assert last.startswith(f"| base (not fine-tuned) | {card} | 0.0200 |") and "| 0.9000 |" in last
+    assert (out / "gap_before.png").read_bytes() == b"\x89PNG before"
+    assert (out / "gap_after.png").read_bytes() == b"\x89PNG after"
 
 
 def test_command_line_compiles_and_refuses_a_five_field_cron(tmp_path):
@@ -477,3 +508,13 @@ def test_resource_setters_still_refuse_a_pipeline_used_as_a_component():
     def outer():
         with pytest.raises(ValueError, match="set_cpu_request can only be used on single-step components"):
             inner().set_cpu_request("1")
+
+
+@pytest.mark.parametrize("ratios, says", [("0,a", "comma-separated numbers"), ("0.1,-1", "is >= 0"),
+                                          ("nan", "is >= 0")])
+def test_ablation_command_refuses_bad_ratios(ratios, says, capsys):
+    from cafe_core.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["ablation", "--ratios", ratios, "--config", "configs/local.yaml"])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err

@@ -9,7 +9,8 @@ import pytest
 
 from cafe_core.config import load_config
 from cafe_core.errors import BadInput
-from cafe_core.stages.pretrain import check_recipe
+from cafe_core.evaluate.report import side_by_side_markdown
+from cafe_core.stages.pretrain import card_metrics, check_recipe
 from cafe_core.storage import Storage
 
 SMALL = ["synth.train_size=4", "synth.retrieval_images=6", "synth.pope_images=2", "synth.mmeb_rows_per_dataset=1",
@@ -29,6 +30,14 @@ def test_the_recipe_is_checked_first(override, says, tmp_path):
         check_recipe(cfg)
 
 
+def test_side_by_side_shows_the_change_and_what_either_lacks():
+    table = side_by_side_markdown({"pope/average/accuracy": 0.875, "retrieval/s/i2t_R@1": 0.5, "other": 1.0},
+                                  {"pope/average/accuracy": 0.9, "mc/x/accuracy": 0.7}, ("pope/", "retrieval/"))
+    assert table.splitlines() == ["| metric | base | fine-tuned | change |", "|---|---|---|---|",
+                                  "| pope/average/accuracy | 0.9000 | 0.8750 | -0.0250 |",
+                                  "| retrieval/s/i2t_R@1 | n/a | 0.5000 | n/a |"]
+
+
 @pytest.mark.slow
 def test_a_short_pretraining_writes_the_folder_and_its_card(tmp_path, cafe_main, capsys):
     from cafe_core.config import ModelConfig
@@ -46,5 +55,8 @@ def test_a_short_pretraining_writes_the_folder_and_its_card(tmp_path, cafe_main,
     assert "| pope/random/accuracy |" in card and '"instruct_size": 40' in card and '"a_con": 0.0' in card
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert {"pope/adversarial/accuracy", "pope/average/yes_ratio", "retrieval/shapes/i2t_R@1"} <= set(metrics)
+    # A run that starts from the folder finds the base's metrics for its side-by-side summary; a preset has none.
+    start = load_config("configs/local.yaml", ["model.preset=null", f"model.checkpoint={out}"])
+    assert card_metrics(start, Storage()) == metrics and card_metrics(load_config("configs/local.yaml", ["model.checkpoint=null", "model.preset=tiny"]), Storage()) is None
     model, _ = build(ModelConfig(preset=None, checkpoint=str(out)), Storage())  # the folder loads as a checkpoint
     assert model.config.text_config.hidden_size == load_config("configs/base.yaml").model.tiny.text_hidden

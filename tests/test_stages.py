@@ -169,14 +169,15 @@ def test_evaluation_components_log_metrics_and_reports(tmp_path, run_config, mon
                                             metrics=out["metrics"], report=out["report"])
     components.evaluate_all.python_func(run_config=run_config, families=["retrieval"], model=out["model"],
                                         embeddings=out["embeddings"], metrics=out["mc"])
-    components.compare_ablation.python_func(run_config=run_config, variants=[out["metrics"]], table=out["table"],
-                                            report=out["report"])
+    components.compare_ablation.python_func(run_config=run_config, variants=[out["metrics"]], lm_only=out["mc"],
+                                            table=out["table"], report=out["report"])
     assert [c for c in calls if c[0] in ("evaluate_family", "evaluate")] == [
         ("evaluate_family", {"family": "pope"}), ("evaluate", {"families": ["retrieval"]})]
     assert out["pope"].logged == metrics and out["pope"].metadata["cafe_output"]["uri"].endswith("/evaluate_family")
     assert Path(out["table"].path).read_text() == "| a |" and Path(out["report"].path).read_text() == "<table>"
     variants = calls[-1][1]["variants"]
     assert variants[0]["retrieval/shapes/i2t_R@1"] == 0.5 and "cafe_output" in variants[0]
+    assert len(variants) == 2 and variants[1] == dict(out["mc"].metadata)  # the LM-only variant's, last
 
 
 def test_promote_and_resolve_config_components(tmp_path, run_config, monkeypatch, capsys):

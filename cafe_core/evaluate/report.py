@@ -51,3 +51,16 @@ def metrics_markdown(metrics: dict[str, float], prefixes: Sequence[str] = ()) ->
     rows = [(k, v) for k, v in metrics.items() if not prefixes or k.startswith(tuple(prefixes))]
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def side_by_side_markdown(metrics: dict[str, float], before: dict[str, float], prefixes: Sequence[str] = (),
+                          names: tuple[str, str] = ("base", "fine-tuned")) -> str:
+    """`metrics` beside `before` (e.g. the base model's card), with the change; a metric either lacks is "n/a"."""
+    keys = [k for k in metrics if not prefixes or k.startswith(tuple(prefixes))]
+    lines = [f"| metric | {names[0]} | {names[1]} | change |", "|---|---|---|---|"]
+    for k in keys:
+        old, new = before.get(k), metrics[k]
+        both = isinstance(old, (int, float)) and isinstance(new, (int, float))
+        change = f"{new - old:+.4f}" if both else "n/a"
+        lines.append(f"| {k} | {_cell(old) if old is not None else 'n/a'} | {_cell(new)} | {change} |")
+    return "\n".join(lines)

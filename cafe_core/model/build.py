@@ -277,12 +277,9 @@ def build(
 ) -> tuple[LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageTextProcessor]:
     """The model and its processor, from ``cfg.preset`` (seeded random init) or ``cfg.checkpoint``."""
     if cfg.checkpoint is not None:
-        folder = Path(cfg.checkpoint)
         if is_s3(cfg.checkpoint):
-            folder = fetch_checkpoint(cfg.checkpoint, Path(cfg.cache_dir), store or Storage())
-        elif not folder.is_absolute() and not folder.exists() and (PROJECT_DIR / folder).is_dir():
-            folder = PROJECT_DIR / folder  # models/shapes-base from any working directory (pipeline steps)
-        return load(folder, cfg)
+            return load(fetch_checkpoint(cfg.checkpoint, Path(cfg.cache_dir), store or Storage()), cfg)
+        return load(Path(checkpoint_location(cfg.checkpoint)), cfg)
     tokenizer = build_tokenizer(cfg.tiny.vocab_size)
     if cfg.preset == "tiny":
         config = tiny_config(cfg.tiny, tokenizer)
@@ -295,6 +292,15 @@ def build(
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
+
+
+def checkpoint_location(checkpoint: str) -> str:
+    """Where ``model.checkpoint`` is: an s3:// URI as it is; a relative folder that is not in the working
+    directory but in the project (models/shapes-base, from a pipeline step's directory) there."""
+    folder = Path(checkpoint)
+    if not is_s3(checkpoint) and not folder.is_absolute() and not folder.exists() and (PROJECT_DIR / folder).is_dir():
+        return str(PROJECT_DIR / folder)
+    return checkpoint
 
 
 def fetch_checkpoint(uri: str, cache_dir: Path, store: Storage) -> Path:

@@ -3,6 +3,7 @@ report, and the a_lm:a_con ablation's comparison table."""
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 from typing import Any
 
@@ -16,8 +17,9 @@ from cafe_core.uris import join
 # The metrics printed in summaries (every metric is in metrics.json and the report).
 HEADLINE_METRICS = ("retrieval/", "mmeb/overall", "mmeb/ind", "mmeb/ood", "pope/average/", "caption/overall/",
                     "caption/classwise/", "mc/", "gap/centroid_distance")
-# The ablation's families (the generative caption judge and the gap plot add little to the trade-off).
-ABLATION_FAMILIES = ["retrieval", "mmeb", "pope", "mc"]
+# The ablation's families (the generative caption judge adds little to the trade-off; gap: Figure 3).
+ABLATION_FAMILIES = ["retrieval", "mmeb", "pope", "mc", "gap"]
+GAP_PNG = "gap_shapes.png"  # the modality-gap scatter of the default retrieval set (evaluate/<run>/gap/)
 # The columns of the ablation table: the retrieval side against the understanding side (Table 7).
 ABLATION_COLUMNS = ("retrieval/*/i2t_R@1", "retrieval/*/t2i_R@1", "mmeb/overall/p@1", "pope/average/f1",
                     "pope/average/accuracy", "mc/*/accuracy")
@@ -100,31 +102,107 @@ def _cells(values: dict[str, Any]) -> list[Any]:
     return cells
 
 
+LM_ONLY = "LM only"
+BASE = "base (not fine-tuned)"
+
+
+def _setting(output: dict[str, Any]) -> str:
+    """A variant's row label: its a_lm:a_con ratio, or LM only (a variant without a ratio)."""
+    ratio = output.get("lm_ratio", "n/a")
+    return LM_ONLY if ratio is None else f"{ratio:g}" if isinstance(ratio, (int, float)) else str(ratio)
+
+
+def _order(label: str) -> tuple[int, float]:  # ratios ascending, then LM only, then the base
+    try:
+        return 0, float(label)
+    except ValueError:
+        return {LM_ONLY: 1, BASE: 2}.get(label, 3), 0.0
+
+
 @stage("compare", lambda cfg: RunLayout(cfg.root, cfg.run_id).ablation)
 def compare_ablation(cfg: CafeConfig, store: Storage, variants: list[dict[str, Any]]) -> Result:
-    """Compare the a_lm:a_con variants in one table, as Markdown and HTML at {run}/ablation/. `variants` are the variants'
-    evaluation artifacts' metadata: the logged metrics, and under "cafe_output" the run id and lm_ratio
-    (from each variant's config)."""
+    """Compare the a_lm:a_con variants (and the LM-only one) in one table and one plot, the starting model's card
+    as a reference row, with the modality-gap scatter before (the base's card) and after fine-tuning (the
+    configured ratio's variant), at {run}/ablation/. `variants` are the variants' evaluation artifacts' metadata:
+    the logged metrics, and under "cafe_output" the run id and lm_ratio (from each variant's config)."""
     from cafe_core.commit import OutputWriter
     from cafe_core.evaluate.report import table
+    from cafe_core.stages.pretrain import card_metrics
 
     outputs = [v.get("cafe_output", {}) for v in variants]  # each variant's Result.metadata()
-    rows = sorted(([o.get("lm_ratio", "n/a"), str(o.get("run_id", "?")), *_cells(v)] for v, o in zip(variants, outputs)),
-                  key=lambda r: r[0] if isinstance(r[0], (int, float)) else float("inf"))
-    rows = [[f"{r[0]:g}" if isinstance(r[0], (int, float)) else r[0], *r[1:]] for r in rows]
+    rows = [[_setting(o), str(o.get("run_id", "?")), *_cells(v)] for v, o in zip(variants, outputs)]
+    base = card_metrics(cfg, store)
+    if base is not None:
+        rows.append([BASE, str(cfg.model.checkpoint), *_cells(base)])
+    rows.sort(key=lambda r: _order(r[0]))
     header = ["a_lm:a_con", "run", *ABLATION_COLUMNS]
     fmt = lambda x: f"{x:.4f}" if isinstance(x, float) else str(x)  # noqa: E731
+    images = {"ablation.png": ablation_plot_png(header, rows)}
+    images.update(_gap_before_after(cfg, store, outputs))
     markdown = "\n".join(["# a_lm:a_con ablation (retrieval vs understanding)", "",
                           "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                          *("| " + " | ".join(fmt(c) for c in r) + " |" for r in rows)]) + "\n"
+                          *("| " + " | ".join(fmt(c) for c in r) + " |" for r in rows), "",
+                          *(f"![{name}]({name})" for name in images)]) + "\n"
+    pictures = "".join(f"<h2>{name}</h2><img alt='{name}' src='data:image/png;base64,"
+                       f"{base64.b64encode(png).decode()}'>" for name, png in images.items())
     html = ("<!doctype html><html><head><meta charset='utf-8'><title>cafe ablation</title></head><body>"
-            "<h1>a_lm:a_con ablation</h1>" + table(header, rows) + "</body></html>")
+            "<h1>a_lm:a_con ablation</h1>" + table(header, rows) + pictures + "</body></html>")
     uri = RunLayout(cfg.root, cfg.run_id).ablation
     out = OutputWriter(store, uri, kind="ablation")
     out.put_text("comparison.md", markdown)
     out.put_text("comparison.html", html)
     out.put_json("variants.json", variants)
-    out.commit(meta={"variants": len(variants)})
-    result = committed(store, "compare", uri, f"compare: {len(variants)} variants -> {uri}/comparison.md")
+    for name, png in images.items():
+        out.put_bytes(name, png)
+    out.commit(meta={"variants": len(variants), "images": sorted(images)})
+    result = committed(store, "compare", uri, f"{markdown}\ncompare: {len(variants)} variants -> {uri}/comparison.md")
     result.documents = {"comparison.md": markdown, "comparison.html": html}
     return result
+
+
+def ablation_plot_png(header: list[str], rows: list[list[Any]]) -> bytes:
+    """Retrieval i2t R@1 against POPE accuracy and against multiple-choice accuracy, one point per setting
+    (the paper's Table 7 as a picture); the base a star."""
+    from cafe_core.train.plots import figure_png
+
+    column = {pattern: header.index(pattern) for pattern in ABLATION_COLUMNS}
+    x_col = column["retrieval/*/i2t_R@1"]
+    panels = (("POPE accuracy", column["pope/average/accuracy"]), ("multiple-choice accuracy", column["mc/*/accuracy"]))
+
+    def draw(fig):
+        for i, (label, y_col) in enumerate(panels):
+            ax = fig.add_subplot(1, 2, i + 1)
+            for row in rows:
+                x, y = row[x_col], row[y_col]
+                if not (isinstance(x, (int, float)) and isinstance(y, (int, float))):
+                    continue
+                ax.scatter([x], [y], marker="*" if row[0] == BASE else "o", s=120 if row[0] == BASE else 40)
+                ax.annotate(row[0], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.set_xlabel("retrieval i2t R@1")
+            ax.set_ylabel(label)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+        fig.suptitle("a_lm:a_con: retrieval against understanding")
+
+    return figure_png(draw, (10, 4.2))
+
+
+def _gap_before_after(cfg: CafeConfig, store: Storage, outputs: list[dict[str, Any]]) -> dict[str, bytes]:
+    """The modality-gap scatters: the base's (beside its card, when it has one) and that of the variant at the
+    configured ratio (the paper's 1:10 by default), else the first variant's."""
+    from cafe_core.model.build import checkpoint_location
+
+    images: dict[str, bytes] = {}
+    if cfg.model.checkpoint is not None:
+        before = join(checkpoint_location(cfg.model.checkpoint), GAP_PNG)
+        if store.exists(before):
+            images["gap_before.png"] = store.read_bytes(before)
+    loss = cfg.train.loss
+    wanted = loss.a_lm / loss.a_con if loss.a_con else None
+    after = [o for o in outputs if o.get("lm_ratio") == wanted] or outputs[:1]
+    if after and "run_id" in after[0]:
+        uri = join(RunLayout(cfg.root, after[0]["run_id"]).evaluate, "gap", GAP_PNG)
+        if store.exists(uri):
+            images["gap_after.png"] = store.read_bytes(uri)
+    return images

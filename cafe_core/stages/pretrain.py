@@ -17,6 +17,7 @@ from cafe_core.config import CafeConfig
 from cafe_core.errors import BadInput
 from cafe_core.layout import METRICS_FILE
 from cafe_core.stages.base import Result, stage
+from cafe_core.stages.evaluate import GAP_PNG
 from cafe_core.storage import Storage
 from cafe_core.uris import check_relative, join, relative_to
 
@@ -24,6 +25,9 @@ from cafe_core.uris import check_relative, join, relative_to
 CARD_METRICS = ("pope/random/accuracy", "pope/popular/accuracy", "pope/adversarial/accuracy",
                 "pope/average/yes_ratio", "pope/average/f1", "mc/mmstar/accuracy", "caption/classwise/f0.5",
                 "retrieval/shapes/i2t_R@1", "retrieval/shapes/t2i_R@1")
+
+
+CARD_METRICS_FILE = "metrics.json"  # beside the card: the base's whole evaluation record
 
 
 def check_recipe(cfg: CafeConfig) -> None:
@@ -66,14 +70,28 @@ def write_folder(cfg: CafeConfig, store: Storage, out: Path, record: dict) -> No
         name = check_relative(relative_to(obj.uri, model))
         if not name.startswith("_"):  # the output's own manifest and markers are not the model's
             store.download(obj.uri, staging / name)
+    gap = join(cfg.evaluate.output, "gap", GAP_PNG)  # the modality gap before fine-tuning (the ablation's "before")
+    if store.exists(gap):
+        store.download(gap, staging / GAP_PNG)
     (staging / "README.md").write_text(model_card(cfg, record))
-    (staging / "metrics.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (staging / CARD_METRICS_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     old = out.with_name(f".{out.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)
     staging.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def card_metrics(cfg: CafeConfig, store: Storage) -> dict[str, float] | None:
+    """The metrics that the starting checkpoint's card records (a base written by `cafe pretrain`), or None
+    (a preset, or a checkpoint without them)."""
+    from cafe_core.model.build import checkpoint_location
+
+    if cfg.model.checkpoint is None:
+        return None
+    uri = join(checkpoint_location(cfg.model.checkpoint), CARD_METRICS_FILE)
+    return dict(store.read_json(uri)["metrics"]) if store.exists(uri) else None
 
 
 def model_card(cfg: CafeConfig, record: dict) -> str:

@@ -1,4 +1,4 @@
-"""The loss curve saved with every run."""
+"""The loss curve saved with every run, and PNGs of other figures."""
 
 from __future__ import annotations
 
@@ -8,6 +8,19 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display in a pipeline step
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def figure_png(draw, size: tuple[float, float]) -> bytes:
+    """A PNG of the figure `draw(fig)` fills."""
+    fig = plt.figure(figsize=size, dpi=110)
+    try:
+        draw(fig)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
 
 
 def loss_curve_png(metrics: list[dict]) -> bytes:
