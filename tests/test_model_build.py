@@ -333,3 +333,13 @@ def test_onevision_7b_preset_shapes():
 def test_unknown_preset_is_named():
     with pytest.raises(ValueError, match="unknown model preset 'nope'"):
         preset_config("nope")  # type: ignore[arg-type]
+
+
+def test_init_std_sets_every_part_s_random_init():
+    def stds(tiny):
+        params = dict(build(ModelConfig(tiny=tiny))[0].named_parameters())
+        return [float(params[n].detach().std()) for n in (
+            "model.language_model.layers.0.self_attn.q_proj.weight", "model.multi_modal_projector.linear_1.weight")]
+
+    assert stds(TinyModelConfig()) == pytest.approx([0.02, 0.02], rel=0.1)  # transformers' default
+    assert stds(TinyModelConfig(init_std=0.09)) == pytest.approx([0.09, 0.09], rel=0.1)

@@ -120,13 +120,17 @@ def tiny_config(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) -> Ll
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return _llava_config(
+    config = _llava_config(
         vision,
         text,
         TINY_MAX_GRID,
         tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
     )
+    if tiny.init_std is not None:  # every part's init reads one of these
+        for part in (config, config.text_config, config.vision_config):
+            part.initializer_range = tiny.init_std
+    return config
 
 
 def _require_multiple(tiny: TinyModelConfig, key: str, divisor_key: str) -> None:
