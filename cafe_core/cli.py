@@ -73,15 +73,25 @@ def stage_command(name: str, fn: Callable[..., Result]) -> Callable[[Any], None]
     return command
 
 
+def metrics_summary(cfg: CafeConfig, store, metrics: dict[str, Any], where: str) -> str:
+    """The run's headline metrics; beside the starting model's own when it is a base with a card."""
+    from cafe_core.evaluate.report import metrics_markdown, side_by_side_markdown
+    from cafe_core.stages.evaluate import HEADLINE_METRICS
+    from cafe_core.stages.pretrain import card_metrics
+
+    base = card_metrics(cfg, store)
+    if base is None:
+        return f"Metrics ({where}; all of them in report.html):\n{metrics_markdown(metrics, HEADLINE_METRICS)}"
+    return (f"Metrics: the base {cfg.model.checkpoint} (from its card) and the fine-tuned model ({where}; all of "
+            f"them in report.html):\n{side_by_side_markdown(metrics, base, HEADLINE_METRICS)}")
+
+
 def cmd_run(args) -> None:
     """The main job: the whole KFP pipeline locally through kfp.local, then the metrics, the decision and
     where everything went."""
-    from cafe_core.evaluate.report import metrics_markdown, side_by_side_markdown
     from cafe_core.kfp_local import failure_reason, log_path, run_pipeline, where_everything_went
     from cafe_core.records import read_decision, registry_root
     from cafe_core.registry import read_aliases
-    from cafe_core.stages.evaluate import HEADLINE_METRICS
-    from cafe_core.stages.pretrain import card_metrics
 
     cfg = _config(args)
     with connect(cfg.s3, cfg.uris()) as store:
@@ -97,14 +107,7 @@ def cmd_run(args) -> None:
         metrics = f"{cfg.evaluate.output}/{METRICS_FILE}"
         record = store.read_json(metrics)
         decision = read_decision(store, cfg.promote.decision)
-        base = card_metrics(cfg, store)
-        if base is None:
-            print(f"\nMetrics ({metrics}; all of them in report.html):")
-            print(metrics_markdown(record["metrics"], HEADLINE_METRICS))
-        else:
-            print(f"\nMetrics: the base {cfg.model.checkpoint} (its card) and the fine-tuned model ({metrics}; "
-                  "all of them in report.html):")
-            print(side_by_side_markdown(record["metrics"], base, HEADLINE_METRICS))
+        print(f"\n{metrics_summary(cfg, store, record['metrics'], metrics)}")
         print(f"\n{decision.summary()}")
         if not decision.passed:
             print("promote: skipped (the gate did not pass)")

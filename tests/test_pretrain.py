@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from cafe_core.cli import metrics_summary
 from cafe_core.config import load_config
 from cafe_core.errors import BadInput
 from cafe_core.evaluate.report import side_by_side_markdown
@@ -57,6 +58,12 @@ def test_a_short_pretraining_writes_the_folder_and_its_card(tmp_path, cafe_main,
     assert {"pope/adversarial/accuracy", "pope/average/yes_ratio", "retrieval/shapes/i2t_R@1"} <= set(metrics)
     # A run that starts from the folder finds the base's metrics for its side-by-side summary; a preset has none.
     start = load_config("configs/local.yaml", ["model.preset=null", f"model.checkpoint={out}"])
-    assert card_metrics(start, Storage()) == metrics and card_metrics(load_config("configs/local.yaml", ["model.checkpoint=null", "model.preset=tiny"]), Storage()) is None
+    preset = load_config("configs/local.yaml", ["model.checkpoint=null", "model.preset=tiny"])
+    assert card_metrics(start, Storage()) == metrics and card_metrics(preset, Storage()) is None
+    tuned = {"pope/average/accuracy": metrics["pope/average/accuracy"] + 0.25, "retrieval/shapes/i2t_R@1": 0.5}
+    summary = metrics_summary(start, Storage(), tuned, "s3://b/metrics.json")
+    assert f"the base {out} (from its card)" in summary and "| metric | base | fine-tuned | change |" in summary
+    assert "| pope/average/accuracy |" in summary and "| +0.2500 |" in summary
+    assert "| metric | value |" in metrics_summary(preset, Storage(), tuned, "s3://b/metrics.json")
     model, _ = build(ModelConfig(preset=None, checkpoint=str(out)), Storage())  # the folder loads as a checkpoint
     assert model.config.text_config.hidden_size == load_config("configs/base.yaml").model.tiny.text_hidden
