@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -9,6 +9,7 @@ input (configuration, missing data, unreachable storage): cafe_core.errors, the 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import signal
@@ -24,7 +25,8 @@ from cafe_core.errors import BadInput, CafeError, StageFailed, exit_line
 from cafe_core.layout import METRICS_FILE, RunLayout, run_prefix
 from cafe_core.s3server import EmbeddedS3, browse_hint
 from cafe_core.stages import OTHER_STAGES, PIPELINE_ORDER, STAGES, Result, help_of
-from cafe_core.storage import StorageError
+from cafe_core.params import DEFAULT_RATIOS
+from cafe_core.storage import Storage, StorageError
 from cafe_core.uris import is_s3
 
 
@@ -73,7 +75,7 @@ def stage_command(name: str, fn: Callable[..., Result]) -> Callable[[Any], None]
     return command
 
 
-def metrics_summary(cfg: CafeConfig, store, metrics: dict[str, Any], where: str) -> str:
+def metrics_summary(cfg: CafeConfig, store: Storage, metrics: dict[str, Any], where: str) -> str:
     """The run's headline metrics; beside the starting model's own when it is a base with a card."""
     from cafe_core.evaluate.report import metrics_markdown, side_by_side_markdown
     from cafe_core.stages.evaluate import HEADLINE_METRICS
@@ -132,8 +134,11 @@ def _ratios(text: str) -> list[float]:
         ratios = [float(r) for r in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers, e.g. 0,0.1,1") from None
-    if any(not r >= 0 for r in ratios):  # (NaN too)
-        raise argparse.ArgumentTypeError(f"{text!r}: a ratio a_lm / a_con is >= 0")
+    if any(not (math.isfinite(r) and r >= 0) for r in ratios):
+        raise argparse.ArgumentTypeError(f"{text!r}: a ratio a_lm / a_con is a finite number >= 0 (LM only is "
+                                         "always one more variant)")
+    if len({f"{r:g}" for r in ratios}) < len(ratios):  # a variant's run id is <run id>-lm<ratio>
+        raise argparse.ArgumentTypeError(f"{text!r}: a ratio is given twice")
     return ratios
 
 
@@ -141,12 +146,13 @@ def cmd_ablation(args) -> None:
     """The a_lm:a_con ablation (the paper's Table 7) through kfp.local: one fine-tuning per ratio and an LM-only
     one, then the comparison table, plot and modality-gap scatters."""
     from cafe_core.kfp_local import failure_reason, log_path, run_pipeline
-    from cafe_core.params import DEFAULT_RATIOS
 
     cfg = _config(args)
     ratios = args.ratios or DEFAULT_RATIOS
     with connect(cfg.s3, cfg.uris()) as store:
         print(f"ablation {cfg.run_id}: ratios {', '.join(f'{r:g}' for r in ratios)} and LM only, through kfp.local")
+        if store.endpoint_url:
+            print(f"S3 endpoint: {store.endpoint_url}")
         try:
             timing = run_pipeline(cfg, store, args.config, args.overrides, "cafe-ablation", ratios=ratios)
         except RuntimeError as e:
@@ -155,6 +161,9 @@ def cmd_ablation(args) -> None:
         where = RunLayout(cfg.root, cfg.run_id).ablation
         print(store.read_text(f"{where}/comparison.md"))
         print(f"ablation: {timing['wall']:.0f} s; {where}/comparison.html (table and pictures), log {timing['log']}")
+        if store.endpoint_url and is_s3(cfg.root):
+            print(browse_hint(store.endpoint_url, f"{where}/"))
+            print("  (the embedded server stops with this command; `cafe s3 serve` keeps one running)")
 
 
 def cmd_s3_serve(args) -> None:
@@ -332,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the metrics, the decision and where everything went")
     add("ablation", cmd_ablation, "fine-tune with each a_lm:a_con ratio and with the LM loss only (the paper's "
         "Table 7) through kfp.local, and compare them with the base: table, plot, modality-gap scatters",
-        positionals=[("--ratios", {"type": _ratios, "metavar": "R,R,...",
-                                   "help": "a_lm / a_con per variant, comma-separated (default: 0,0.05,0.1,0.2,1)"})])
+        positionals=[("--ratios", {"type": _ratios, "metavar": "R,R,...", "help": "a_lm / a_con per variant, "
+                                   f"comma-separated (default: {','.join(f'{r:g}' for r in DEFAULT_RATIOS)})"})])
     options = {
         "evaluate": [("--family", {"action": "append", "choices": FAMILIES, "help": "run only this family "
                                    "(repeatable); without --merge the combined metrics are not written"}),

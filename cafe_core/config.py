@@ -191,8 +191,9 @@ class TinyModelConfig(Strict):
     text_kv_heads: int = Field(2, ge=1)
     intermediate: int = Field(256, ge=8)
     vocab_size: int = Field(1024, ge=300, le=1500)  # the project-built BPE tokenizer's size, special tokens included
-    # The random init's normal std (transformers' initializer_range). None: the classes' 0.02, chosen for widths
-    # near 768; at these widths attention starts flatter and learns to look later (docs/base-model.md).
+    # The random init's normal std (transformers' initializer_range) of the language model and the projector
+    # (SigLIP's layers keep their own init). None: 0.02, chosen for widths near 768; at these widths attention
+    # starts flatter and learns to look later (docs/base-model.md).
     init_std: float | None = Field(None, gt=0, le=1)
 
 

@@ -12,7 +12,8 @@ def resolve_config(kfp_run_id: str, root: str, run_id: str, config: str, data_ur
                    lm_ratio: float = -1.0, promote_mode: str = "", lm_only: bool = False) -> str:
     """The run's resolved configuration (YAML): the base file, the pipeline's parameters (cafe_core.params;
     the training job's as its cluster section), the overrides. lm_ratio >= 0: the configuration of that
-    a_lm:a_con ablation variant; lm_only: the ablation's LM-only variant (a_con = 0). promote_mode: the promotion the pipeline is built for (promote.mode)."""
+    a_lm:a_con ablation variant; lm_only: the ablation's LM-only variant (a_con = 0). promote_mode: the
+    promotion the pipeline is built for (promote.mode)."""
     import sys
 
     from cafe_core.config import ConfigError

@@ -31,18 +31,21 @@ def build(parallelism: int = PARALLELISM, defaults: AblationParams | None = None
         data = t.cpu(prepare_data(run_config=base.output), "prepare data", DATA)
         pairs = t.cpu(convert(run_config=base.output, synthetic=data.outputs["synthetic"]), "convert", CONVERT)
         checked = t.cpu(validate(run_config=base.output, pairs=pairs.outputs["pairs"]), "validate", DATA)
-        def variant(**which):  # one variant's configuration, training and evaluation
-            config = t.cpu(resolve_config(**config_inputs(resolve_config, p, **which)), "variant config", LIGHT).output
-            trained = t.cpu(train(run_config=config, pairs=pairs.outputs["pairs"], mode=p["train_mode"]), "train",
-                            LAUNCHER, cache=False)
-            trained.after(checked)
-            embedded = t.gpu(export(run_config=config, model=trained.outputs["model"]), "export")
+
+        def variant(label: str = "", after=None, **which):  # one variant's configuration, training, evaluation
+            config = t.cpu(resolve_config(**config_inputs(resolve_config, p, **which)), f"{label}variant config",
+                           LIGHT).output
+            trained = t.cpu(train(run_config=config, pairs=pairs.outputs["pairs"], mode=p["train_mode"]),
+                            f"{label}train", LAUNCHER, cache=False)
+            trained.after(checked, *([after] if after is not None else []))
+            embedded = t.gpu(export(run_config=config, model=trained.outputs["model"]), f"{label}export")
             return t.gpu(evaluate_all(run_config=config, families=ABLATION_FAMILIES, model=trained.outputs["model"],
-                                      embeddings=embedded.outputs["embeddings"]), "evaluate", cache=False)
+                                      embeddings=embedded.outputs["embeddings"]), f"{label}evaluate", cache=False)
 
         with dsl.ParallelFor(p["ratios"], name="ratios", parallelism=parallelism) as ratio:
             scored = variant(lm_ratio=ratio)
-        lm_only = variant(lm_only=True)  # what the contrastive term adds: the same data, a_con = 0
+        # What the contrastive term adds: the same data, a_con = 0; after the ratios unless all run at once.
+        lm_only = variant("LM-only ", scored if parallelism else None, lm_only=True)
         t.cpu(compare_ablation(run_config=base.output, variants=dsl.Collected(scored.outputs["metrics"]),
                                lm_only=lm_only.outputs["metrics"]), "compare", LIGHT, cache=False)
 

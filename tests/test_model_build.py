@@ -335,7 +335,7 @@ def test_unknown_preset_is_named():
         preset_config("nope")  # type: ignore[arg-type]
 
 
-def test_init_std_sets_every_part_s_random_init():
+def test_init_std_sets_the_language_model_and_projector_init():
     def stds(tiny):
         params = dict(build(ModelConfig(tiny=tiny))[0].named_parameters())
         return [float(params[n].detach().std()) for n in (

@@ -1,5 +1,5 @@
 """The ablation pipeline end to end through kfp.local, on a small synthetic run with local storage
-(ParallelFor over one ratio beside the LM-only variant, the collected comparison table and plot; the
+(ParallelFor over one ratio, then the LM-only variant, the collected comparison table and plot; the
 sorting of many ratios is test_pipelines.py's). `cafe run` (the cafe pipeline) runs end to end
 in test_gate_integration.py, which also runs the cluster build's release steps on that run."""
 
@@ -38,7 +38,7 @@ def test_ablation_pipeline_runs_locally_and_compares_the_ratios(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith(("| 0", "| LM only"))]
     assert [r.split(" | ")[1] for r in rows] == ["abl-lm0.1", "abl-lmonly"]  # the ratio's and the LM-only variant
     assert "ablation.png" in table and (tmp_path / "runs" / "abl" / "ablation" / "ablation.png").is_file()
-    assert (tmp_path / "runs" / "abl" / "ablation" / "gap_after.png").is_file()  # the 1:10 variant's gap scatter
+    assert (tmp_path / "runs" / "abl" / "ablation" / "gap_after_abl-lm0.1.png").is_file()  # 1:10's gap scatter
     for variant, a_lm in (("abl-lm0.1", 1.0), ("abl-lmonly", 1.0)):
         config = (tmp_path / "runs" / variant / "train" / "final" / "config.yaml").read_text()
         assert f"a_lm: {a_lm}" in config and f"data: {tmp_path}/runs/abl/convert" in config  # the shared pairs

@@ -232,6 +232,17 @@ def test_compile_writes_pinned_images_and_the_ablations_parallelism(tmp_path, ca
     assert loop["iteratorPolicy"] == {"parallelismLimit": 3}
 
 
+def test_all_variants_at_once_start_the_lm_only_one_with_the_loop(tmp_path):
+    from kfp import compiler
+
+    from pipelines import ablation
+
+    compiler.Compiler().compile(ablation.build(parallelism=0), str(tmp_path / "a.yaml"))
+    spec, _ = yaml.safe_load_all((tmp_path / "a.yaml").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert not any(dep.startswith("for-loop") for dep in tasks["train-2"]["dependentTasks"])
+
+
 @pytest.mark.parametrize("ref", ["cafe-base", "cafe-base:", "Registry/Cafe:1", "cafe@sha256:abc",
                                  f"cafe@sha512:{'0' * 64}", "cafe:1 ", "cafe:-x"])
 def test_compile_refuses_what_is_not_an_image_reference(ref, tmp_path, cafe_main, capsys):
@@ -265,6 +276,7 @@ def test_ablation_pipeline_structure():
     # The LM-only variant beside the loop: its own configuration (lm_only), training and evaluation.
     assert compare["inputs"]["artifacts"]["lm_only"]["taskOutputArtifact"]["producerTask"] == "evaluate-all-2"
     assert tasks["resolve-config-3"]["inputs"]["parameters"]["lm_only"]["runtimeValue"]["constant"] is True
+    assert loop_name in tasks["train-2"]["dependentTasks"]  # one variant at a time: it trains after the loop's
 
 
 @pytest.mark.parametrize("name, kind", [("cafe.yaml", RunParams), ("cafe-ablation.yaml", AblationParams)])
@@ -426,7 +438,7 @@ def test_compare_ablation_table(tmp_path):
     last = result.documents["comparison.md"].splitlines()[7]
     assert last.startswith(f"| base (not fine-tuned) | {card} | 0.0200 |") and "| 0.9000 |" in last
     assert (out / "gap_before.png").read_bytes() == b"\x89PNG before"
-    assert (out / "gap_after.png").read_bytes() == b"\x89PNG after"
+    assert (out / "gap_after_abl-lm0.1.png").read_bytes() == b"\x89PNG after"  # the file names the variant
 
 
 def test_command_line_compiles_and_refuses_a_five_field_cron(tmp_path):
@@ -510,11 +522,31 @@ def test_resource_setters_still_refuse_a_pipeline_used_as_a_component():
             inner().set_cpu_request("1")
 
 
-@pytest.mark.parametrize("ratios, says", [("0,a", "comma-separated numbers"), ("0.1,-1", "is >= 0"),
-                                          ("nan", "is >= 0")])
+@pytest.mark.parametrize("ratios, says", [("0,a", "comma-separated numbers"), ("0.1,-1", "finite number >= 0"),
+                                          ("nan", "finite number >= 0"), ("inf", "finite number >= 0"),
+                                          ("0.1,0.10", "given twice")])
 def test_ablation_command_refuses_bad_ratios(ratios, says, capsys):
     from cafe_core.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["ablation", "--ratios", ratios, "--config", "configs/local.yaml"])
     assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_ablation_command_runs_the_pipeline_and_prints_the_comparison(tmp_path, monkeypatch, capsys):
+    from cafe_core import kfp_local
+    from cafe_core.cli import main
+
+    calls = []
+
+    def fake_run(cfg, store, config_path, overrides, pipeline, **params):
+        calls.append((pipeline, params, config_path))
+        store.write_bytes(f"{cfg.root}/runs/{cfg.run_id}/ablation/comparison.md", b"| a_lm:a_con | run |\n")
+        return {"wall": 12.0, "steps": {}, "log": "the.log"}
+
+    monkeypatch.setattr(kfp_local, "run_pipeline", fake_run)
+    assert main(["ablation", "--ratios", "0,0.1", "--config", "configs/local.yaml", f"root={tmp_path}", "run_id=ab"]) == 0
+    assert calls == [("cafe-ablation", {"ratios": [0.0, 0.1]}, "configs/local.yaml")]
+    out = capsys.readouterr().out
+    assert "ratios 0, 0.1 and LM only" in out and "| a_lm:a_con | run |" in out
+    assert f"{tmp_path}/runs/ab/ablation/comparison.html" in out

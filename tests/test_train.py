@@ -282,8 +282,10 @@ def _kill_after_checkpoint(argv: list[str], step: int) -> None:
 
 
 # (step, loss, loss_lm, loss_con) of train_args' run on two processes, ZeRO-3, held-out pairs on (so other
-# training pairs than GOLDEN's), as an uninterrupted run logs them. Regenerate like GOLDEN, from the failure
-# message of test_killed_run_resumes_to_the_same_losses.
+# training pairs than GOLDEN's), as an uninterrupted run logs them. Regenerate after an intended change from an
+# uninterrupted run, never from a resumed one (that would record a resume bug):
+#   CAFE_GOLDEN_UNINTERRUPTED=1 .venv/bin/python -m pytest -q tests/test_train.py -k killed_run
+# runs it instead and fails with its rows to paste.
 GOLDEN_TWO_RANKS_ZERO3 = [
     (1, 28.9212908744812, 6.919933795928955, 2.2001357078552246),
     (2, 33.674474000930786, 6.961140871047974, 2.6713333129882812),
@@ -300,6 +302,10 @@ def test_killed_run_resumes_to_the_same_losses(train_data):
     resume): a run SIGKILLed after a checkpoint resumes to the losses an uninterrupted run logs (recorded
     above) and leaves what an uninterrupted run leaves: a loadable model and pruned checkpoints."""
     common = ["train.nproc_per_node=2", "train.zero_stage=3"]
+    if os.environ.get("CAFE_GOLDEN_UNINTERRUPTED"):
+        straight = cafe("train", *train_args(train_data, train_data / "straight3", *common))
+        assert straight.returncode == 0, straight.stderr[-3000:]
+        pytest.fail("uninterrupted:\n" + "\n".join(f"    {row!r}," for row in losses(train_data / "straight3")))
     killed_out = train_data / "killed3"
     _kill_after_checkpoint(["train", *train_args(train_data, killed_out, *common)], step=2)
     ckpts = killed_out / "checkpoints"

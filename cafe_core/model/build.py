@@ -127,7 +127,7 @@ def tiny_config(tiny: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) -> Ll
         tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
     )
-    if tiny.init_std is not None:  # every part's init reads one of these
+    if tiny.init_std is not None:  # the LM's and projector's init read these (SigLIP's layers have their own)
         for part in (config, config.text_config, config.vision_config):
             part.initializer_range = tiny.init_std
     return config

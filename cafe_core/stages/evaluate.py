@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import math
 from typing import Any
 
 from cafe_core.config import FAMILIES, CafeConfig
@@ -19,7 +20,6 @@ HEADLINE_METRICS = ("retrieval/", "mmeb/overall", "mmeb/ind", "mmeb/ood", "pope/
                     "caption/classwise/", "mc/", "gap/centroid_distance")
 # The ablation's families (the generative caption judge adds little to the trade-off; gap: Figure 3).
 ABLATION_FAMILIES = ["retrieval", "mmeb", "pope", "mc", "gap"]
-GAP_PNG = "gap_shapes.png"  # the modality-gap scatter of the default retrieval set (evaluate/<run>/gap/)
 # The columns of the ablation table: the retrieval side against the understanding side (Table 7).
 ABLATION_COLUMNS = ("retrieval/*/i2t_R@1", "retrieval/*/t2i_R@1", "mmeb/overall/p@1", "pope/average/f1",
                     "pope/average/accuracy", "mc/*/accuracy")
@@ -188,21 +188,27 @@ def ablation_plot_png(header: list[str], rows: list[list[Any]]) -> bytes:
     return figure_png(draw, (10, 4.2))
 
 
+def gap_png(cfg: CafeConfig) -> str:
+    """The file name of the modality-gap scatter of the first retrieval set (the gap family's headline)."""
+    return f"gap_{next(iter(cfg.eval_sets.retrieval), '')}.png"
+
+
 def _gap_before_after(cfg: CafeConfig, store: Storage, outputs: list[dict[str, Any]]) -> dict[str, bytes]:
     """The modality-gap scatters: the base's (beside its card, when it has one) and that of the variant at the
-    configured ratio (the paper's 1:10 by default), else the first variant's."""
+    configured ratio (the paper's 1:10 by default), else the first variant's; the file name says which."""
     from cafe_core.model.build import checkpoint_location
 
     images: dict[str, bytes] = {}
     if cfg.model.checkpoint is not None:
-        before = join(checkpoint_location(cfg.model.checkpoint), GAP_PNG)
+        before = join(checkpoint_location(cfg.model.checkpoint), gap_png(cfg))
         if store.exists(before):
             images["gap_before.png"] = store.read_bytes(before)
     loss = cfg.train.loss
     wanted = loss.a_lm / loss.a_con if loss.a_con else None
-    after = [o for o in outputs if o.get("lm_ratio") == wanted] or outputs[:1]
+    after = [o for o in outputs if isinstance(o.get("lm_ratio"), (int, float)) and wanted is not None
+             and math.isclose(o["lm_ratio"], wanted, rel_tol=1e-9)] or outputs[:1]
     if after and "run_id" in after[0]:
-        uri = join(RunLayout(cfg.root, after[0]["run_id"]).evaluate, "gap", GAP_PNG)
+        uri = join(RunLayout(cfg.root, after[0]["run_id"]).evaluate, "gap", gap_png(cfg))
         if store.exists(uri):
-            images["gap_after.png"] = store.read_bytes(uri)
+            images[f"gap_after_{after[0]['run_id']}.png"] = store.read_bytes(uri)
     return images

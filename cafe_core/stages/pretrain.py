@@ -17,7 +17,7 @@ from cafe_core.config import CafeConfig
 from cafe_core.errors import BadInput
 from cafe_core.layout import METRICS_FILE
 from cafe_core.stages.base import Result, stage
-from cafe_core.stages.evaluate import GAP_PNG
+from cafe_core.stages.evaluate import gap_png
 from cafe_core.storage import Storage
 from cafe_core.uris import check_relative, join, relative_to
 
@@ -25,9 +25,6 @@ from cafe_core.uris import check_relative, join, relative_to
 CARD_METRICS = ("pope/random/accuracy", "pope/popular/accuracy", "pope/adversarial/accuracy",
                 "pope/average/yes_ratio", "pope/average/f1", "mc/mmstar/accuracy", "caption/classwise/f0.5",
                 "retrieval/shapes/i2t_R@1", "retrieval/shapes/t2i_R@1")
-
-
-CARD_METRICS_FILE = "metrics.json"  # beside the card: the base's whole evaluation record
 
 
 def check_recipe(cfg: CafeConfig) -> None:
@@ -70,11 +67,11 @@ def write_folder(cfg: CafeConfig, store: Storage, out: Path, record: dict) -> No
         name = check_relative(relative_to(obj.uri, model))
         if not name.startswith("_"):  # the output's own manifest and markers are not the model's
             store.download(obj.uri, staging / name)
-    gap = join(cfg.evaluate.output, "gap", GAP_PNG)  # the modality gap before fine-tuning (the ablation's "before")
+    gap = join(cfg.evaluate.output, "gap", gap_png(cfg))  # before fine-tuning: the ablation's "before" picture
     if store.exists(gap):
-        store.download(gap, staging / GAP_PNG)
+        store.download(gap, staging / gap_png(cfg))
     (staging / "README.md").write_text(model_card(cfg, record))
-    (staging / CARD_METRICS_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (staging / METRICS_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     old = out.with_name(f".{out.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -90,8 +87,10 @@ def card_metrics(cfg: CafeConfig, store: Storage) -> dict[str, float] | None:
 
     if cfg.model.checkpoint is None:
         return None
-    uri = join(checkpoint_location(cfg.model.checkpoint), CARD_METRICS_FILE)
-    return dict(store.read_json(uri)["metrics"]) if store.exists(uri) else None
+    uri = join(checkpoint_location(cfg.model.checkpoint), METRICS_FILE)
+    record = store.read_json(uri) if store.exists(uri) else None
+    metrics = record.get("metrics") if isinstance(record, dict) else None  # another tool's file: no card
+    return dict(metrics) if isinstance(metrics, dict) else None
 
 
 def model_card(cfg: CafeConfig, record: dict) -> str:
