@@ -9,8 +9,10 @@ and model forward. Every --every steps it prints, per kind, the accuracy of the 
 fixed held-out questions: the signal that the loss hides (a model that ignores the image still reaches a low
 loss on the answers' template). Kinds: the instruction split's presence (POPE's wording; chance 0.5), choice
 (multiple choice; 0.25) and grounding (first word of the position; ~0.5), "multi" (rows of --questions
-questions of those kinds, as the split writes them; trained on, not scored), and two single-object probes,
-shape1 ("What shape is it?", 1/6) and colour1 (1/6). Results: docs/base-model.md.
+questions of those kinds, as the split writes them; trained on, not scored), two single-object probes,
+shape1 ("What shape is it?", 1/6) and colour1 (1/6), and bind ("What colour is the star?" in a scene of 2-3
+objects: the binding presence needs, without its yes/no; a colour's first letter is its first token).
+Results: docs/base-model.md.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from cafe_core.config import ModelConfig, PromptConfig, TinyModelConfig  # noqa: E402
 from cafe_core.data import instruct  # noqa: E402
-from cafe_core.data.shapes import render, sample_scene  # noqa: E402
+from cafe_core.data.shapes import render, sample_scene, unique_shape_objects  # noqa: E402
 from cafe_core.model.build import build  # noqa: E402
 from cafe_core.model.inputs import InputBuilder, Segment  # noqa: E402
 from cafe_core.model.joint import CafeModel  # noqa: E402
@@ -48,6 +50,11 @@ def sample(rng: np.random.Generator, kind: str, questions: int) -> tuple:
         return scene, [("What shape is it?", obj.shape.capitalize()) if kind == "shape1"
                        else ("What colour is the shape?", obj.colour.capitalize())]
     scene = next(instruct.instruct_scenes(rng))
+    if kind == "bind":  # the colour of the object a question names by its shape: binding, without letters
+        while not (unique := unique_shape_objects(scene)) or len(scene.objects) < 2:
+            scene = next(instruct.instruct_scenes(rng))
+        obj = unique[int(rng.integers(len(unique)))]
+        return scene, [(f"What colour is the {obj.shape}?", obj.colour.capitalize())]
     if kind == "multi":
         yes = [bool(v) for v in rng.permutation(np.arange(questions) % 2)]
         letters = [int(v) for v in rng.integers(0, 4, questions)]
