@@ -18,7 +18,7 @@ SMALL = ["synth.train_size=4", "synth.retrieval_images=6", "synth.pope_images=2"
          "synth.mc_questions=4", "synth.caption_images=2", "synth.instruct_size=40", "validate.min_rows=10",
          "data.workers=0", "train.nproc_per_node=1", "train.max_steps=3", "train.global_batch_size=4",
          "train.max_length=256", "train.checkpoint_every=50", "export.batch_size=8",
-         "evaluate.families=[pope,retrieval]"]  # one generative and one embedding family: the card's two kinds
+         "evaluate.families=[pope,retrieval,gap]"]  # generative and embedding families; gap: the folder's scatter
 
 
 @pytest.mark.parametrize("override, says", [
@@ -52,6 +52,7 @@ def test_a_short_pretraining_writes_the_folder_and_its_card(tmp_path, cafe_main,
     printed = capsys.readouterr().out
     assert f"the base model and its card are in {out}/" in printed and "| pope/average/accuracy |" in printed
     assert not (out / "stale.txt").exists() and not list(out.parent.glob(".shapes-base*"))  # swapped in whole
+    assert (out / "gap_shapes.png").read_bytes()[:4] == b"\x89PNG"  # the ablation's "before" picture
     card = (out / "README.md").read_text()
     assert "| pope/random/accuracy |" in card and '"instruct_size": 40' in card and '"a_con": 0.0' in card
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]

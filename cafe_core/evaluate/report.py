@@ -28,6 +28,12 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def image_html(name: str, png: bytes) -> str:
+    """A titled PNG inlined (the page needs no other file)."""
+    data = base64.b64encode(png).decode()
+    return f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
+
+
 def render_report(record: dict[str, Any], tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[Any]]]],
                   images: dict[str, bytes]) -> str:
     meta = [["run", record["run_id"]], ["checkpoint", record["checkpoint"]],
@@ -39,9 +45,7 @@ def render_report(record: dict[str, Any], tables: Sequence[tuple[str, Sequence[s
              table(["", ""], meta, "meta")]
     for title, header, rows in tables:
         parts += [f"<h2>{html.escape(title)}</h2>", table(header, rows)]
-    for name, png in images.items():
-        data = base64.b64encode(png).decode()
-        parts += [f"<h2>{html.escape(name)}</h2>", f"<img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"]
+    parts += [image_html(name, png) for name, png in images.items()]
     parts += ["<h2>All metrics</h2>", table(["metric", "value"], list(record["metrics"].items())), "</body></html>"]
     return "\n".join(parts)
 

@@ -3,7 +3,6 @@ report, and the a_lm:a_con ablation's comparison table."""
 
 from __future__ import annotations
 
-import base64
 import fnmatch
 import math
 from typing import Any
@@ -106,17 +105,12 @@ LM_ONLY = "LM only"
 BASE = "base (not fine-tuned)"
 
 
-def _setting(output: dict[str, Any]) -> str:
-    """A variant's row label: its a_lm:a_con ratio, or LM only (a variant without a ratio)."""
+def _setting(output: dict[str, Any]) -> tuple[tuple[int, float], str]:
+    """A variant's place (ratios ascending, then LM only, then anything else) and row label."""
     ratio = output.get("lm_ratio", "n/a")
-    return LM_ONLY if ratio is None else f"{ratio:g}" if isinstance(ratio, (int, float)) else str(ratio)
-
-
-def _order(label: str) -> tuple[int, float]:  # ratios ascending, then LM only, then the base
-    try:
-        return 0, float(label)
-    except ValueError:
-        return {LM_ONLY: 1, BASE: 2}.get(label, 3), 0.0
+    if isinstance(ratio, (int, float)):
+        return (0, float(ratio)), f"{ratio:g}"
+    return ((1, 0.0), LM_ONLY) if ratio is None else ((3, 0.0), str(ratio))
 
 
 @stage("compare", lambda cfg: RunLayout(cfg.root, cfg.run_id).ablation)
@@ -126,15 +120,15 @@ def compare_ablation(cfg: CafeConfig, store: Storage, variants: list[dict[str, A
     configured ratio's variant), at {run}/ablation/. `variants` are the variants' evaluation artifacts' metadata:
     the logged metrics, and under "cafe_output" the run id and lm_ratio (from each variant's config)."""
     from cafe_core.commit import OutputWriter
-    from cafe_core.evaluate.report import table
+    from cafe_core.evaluate.report import image_html, table
     from cafe_core.stages.pretrain import card_metrics
 
     outputs = [v.get("cafe_output", {}) for v in variants]  # each variant's Result.metadata()
-    rows = [[_setting(o), str(o.get("run_id", "?")), *_cells(v)] for v, o in zip(variants, outputs)]
+    keyed = [(*_setting(o), str(o.get("run_id", "?")), *_cells(v)) for v, o in zip(variants, outputs)]
     base = card_metrics(cfg, store)
     if base is not None:
-        rows.append([BASE, str(cfg.model.checkpoint), *_cells(base)])
-    rows.sort(key=lambda r: _order(r[0]))
+        keyed.append(((2, 0.0), BASE, str(cfg.model.checkpoint), *_cells(base)))
+    rows = [list(row[1:]) for row in sorted(keyed, key=lambda row: row[0])]
     header = ["a_lm:a_con", "run", *ABLATION_COLUMNS]
     fmt = lambda x: f"{x:.4f}" if isinstance(x, float) else str(x)  # noqa: E731
     images = {"ablation.png": ablation_plot_png(header, rows)}
@@ -143,8 +137,7 @@ def compare_ablation(cfg: CafeConfig, store: Storage, variants: list[dict[str, A
                           "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                           *("| " + " | ".join(fmt(c) for c in r) + " |" for r in rows), "",
                           *(f"![{name}]({name})" for name in images)]) + "\n"
-    pictures = "".join(f"<h2>{name}</h2><img alt='{name}' src='data:image/png;base64,"
-                       f"{base64.b64encode(png).decode()}'>" for name, png in images.items())
+    pictures = "".join(image_html(name, png) for name, png in images.items())
     html = ("<!doctype html><html><head><meta charset='utf-8'><title>cafe ablation</title></head><body>"
             "<h1>a_lm:a_con ablation</h1>" + table(header, rows) + pictures + "</body></html>")
     uri = RunLayout(cfg.root, cfg.run_id).ablation
