@@ -13,6 +13,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import stat
 import shutil
 import tempfile
 import uuid
@@ -356,7 +358,16 @@ class Storage:
                 return [ObjectInfo(base, root.stat().st_size)]
             if not root.is_dir():
                 return []
-            out = [ObjectInfo(str(p), p.stat().st_size) for p in root.rglob("*") if p.is_file()]
+            out = []
+            for p in root.rglob("*"):
+                if _is_local_scratch(p.name):
+                    continue  # another writer's temp file or lock: never an object, as on S3
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue  # deleted or renamed away since the walk saw it
+                if stat.S_ISREG(st.st_mode):
+                    out.append(ObjectInfo(str(p), st.st_size))
             return sorted(out, key=lambda o: o.uri)
         bucket, key = split_s3(base)
         key_prefix = f"{key}/" if key else ""
@@ -490,6 +501,14 @@ class Storage:
                 self.client.delete_object(Bucket=bucket, Key=key)
             except ClientError as e:
                 raise self._fail(uri, "delete", e) from None
+
+
+_SCRATCH = re.compile(r"^\..+(\.tmp-[0-9a-f]{8}|\.lock)$")
+
+
+def _is_local_scratch(name: str) -> bool:
+    """The temp file of an atomic write in flight or the lock file of a conditional write."""
+    return bool(_SCRATCH.match(name))
 
 
 def _atomic_local_write(dest: Path, write) -> None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -64,6 +65,24 @@ def test_roundtrip_and_listing(where):
     assert store.exists(join(base, "c.txt")) and not store.exists(join(base, "nope"))
     with pytest.raises(StorageError, match="does not exist"):
         store.read_bytes(join(base, "nope"))
+
+
+def test_local_listing_sees_objects_only_while_others_write(tmp_path, monkeypatch):
+    """A local folder lists as S3 does: a writer's temp file and a conditional write's lock are not objects,
+    and a file removed between the walk and its stat is skipped (it raced a concurrent promotion in CI)."""
+    store, base = Storage(), tmp_path / "out"
+    store.write_bytes(str(base / "a.json"), b"{}")
+    store.write_bytes_if(str(base / "b.json"), b"1", if_none_match=True)  # leaves .b.json.lock
+    (base / ".a.json.tmp-0123abcd").write_bytes(b"half")
+    (base / ".hidden").write_bytes(b"x")  # a dot-file that is not scratch is an object
+    real_rglob = Path.rglob
+
+    def walk_then_vanish(self, pattern):
+        yield from real_rglob(self, pattern)
+        yield self / "gone.json"  # seen by the walk, deleted before the stat
+
+    monkeypatch.setattr(Path, "rglob", walk_then_vanish)
+    assert [Path(o.uri).name for o in store.list(str(base))] == [".hidden", "a.json", "b.json"]
 
 
 def test_commit_protocol(where):
