@@ -50,11 +50,10 @@ def sample(rng: np.random.Generator, kind: str, questions: int) -> tuple:
         return scene, [("What shape is it?", obj.shape.capitalize()) if kind == "shape1"
                        else ("What colour is the shape?", obj.colour.capitalize())]
     scene = next(instruct.instruct_scenes(rng))
-    if kind == "bind":  # the colour of the object a question names by its shape: binding, without letters
-        while not (unique := unique_shape_objects(scene)) or len(scene.objects) < 2:
+    if kind == "bind":  # an attribute of the object named by the other one: binding, without letters
+        while not unique_shape_objects(scene) or len(scene.objects) < 2:
             scene = next(instruct.instruct_scenes(rng))
-        obj = unique[int(rng.integers(len(unique)))]
-        return scene, [(f"What colour is the {obj.shape}?", obj.colour.capitalize())]
+        return scene, [instruct.bind(scene, rng)]
     if kind == "multi":
         yes = [bool(v) for v in rng.permutation(np.arange(questions) % 2)]
         letters = [int(v) for v in rng.integers(0, 4, questions)]

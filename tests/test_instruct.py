@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cafe_core.config import load_config
-from cafe_core.data.instruct import absent_object, choice, grounding, instruct_rows, presence, question_turns
+from cafe_core.data.instruct import absent_object, bind, choice, grounding, instruct_rows, presence, question_turns
 from cafe_core.data.shapes import CLASSES, LETTERS, Obj, Scene
 from cafe_core.prompts import DESCRIBE, IMAGE_TOKEN, MC_SUFFIX, SHORT_ANSWER_SUFFIX
 from cafe_core.storage import Storage
@@ -73,12 +73,28 @@ def test_grounding_and_choice_answers():
     assert len(seen) == 6  # count, shape, and colour and position of either object
 
 
+def test_binding_questions_name_one_object_by_the_other_attribute():
+    rng = np.random.default_rng(6)
+    asked = {bind(SCENE, rng) for _ in range(60)}
+    assert asked == {(f"What colour is the circle?{SHORT_ANSWER_SUFFIX}", "Red"),
+                     (f"What colour is the star?{SHORT_ANSWER_SUFFIX}", "Blue"),
+                     (f"What shape is the red object?{SHORT_ANSWER_SUFFIX}", "Circle"),
+                     (f"What shape is the blue object?{SHORT_ANSWER_SUFFIX}", "Star")}
+    twins = Scene([Obj("circle", "red", 0.2, 0.2, "small"), Obj("circle", "red", 0.8, 0.8, "small")])
+    assert {bind(twins, rng)[0] for _ in range(20)} == {f"Where is the red circle?{SHORT_ANSWER_SUFFIX}"}
+    # "the red object" only where red is unique: a red circle and a red star are asked about by shape
+    mixed = Scene([Obj("circle", "red", 0.2, 0.2, "small"), Obj("star", "red", 0.8, 0.8, "small")])
+    assert {bind(mixed, rng)[1] for _ in range(20)} == {"Red"}
+
+
 def test_a_row_asks_different_questions_and_consumes_one_label_each():
     rng = np.random.default_rng(4)
     yes, letters = [True, False, True, False], [0, 1, 2, 3]
     turns = question_turns(SCENE, rng, 4, yes, letters)
     assert len({q for q, _ in turns}) == len(turns) == 4
     assert (yes, letters) == ([True, False], [0, 1, 2])  # two presence questions, one multiple choice
+    assert sum(q.startswith(("What colour is the", "What shape is the")) and not q.endswith(MC_SUFFIX)
+               for q, _ in turns) == 1  # and one binding question
 
 
 def test_rows_are_balanced_and_shaped_as_evaluation_asks():
@@ -116,7 +132,7 @@ def test_rows_are_a_pure_function_of_the_seed():
     assert digest(0)[:16] == GOLDEN_ROWS  # a silent change of the base's training data must fail here
 
 
-GOLDEN_ROWS = "82b07f4f76bf9494"
+GOLDEN_ROWS = "7b3903dc8a8e68c5"
 
 
 def test_synth_writes_the_split_only_when_asked_and_convert_accepts_every_row(tmp_path):

@@ -6,7 +6,7 @@ A row is one image and either a detailed description or several independent ques
 the evaluation asks it: presence questions with POPE's short-answer instruction (yes and no balanced, the
 absent objects drawn as POPE draws them: at random, by popularity, and sharing a colour or a shape with an
 object in the image), MMStar-style multiple choice on count, colour, shape and position (letters balanced),
-and grounding ("Where is the red star?"). Questions are shuffled within a row, so each kind is also asked
+grounding ("Where is the red star?") and binding ("What colour is the star?"). Questions are shuffled within a row, so each kind is also asked
 first, as evaluation asks it. No row holds a description and questions together: a description in the
 context would answer the questions without looking at the image.
 """
@@ -79,17 +79,38 @@ def grounding(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return f"Where is the {obj.name}?" + SHORT_ANSWER_SUFFIX, POSITION_PHRASES[obj.position].capitalize()
 
 
+def bind(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """An attribute of the object named by the other one: "What colour is the star?" or "What shape is the
+    red object?" where that names one object. Presence and multiple choice need this binding of colour to
+    shape, and a small model learns it only when asked for it directly (docs/base-model.md); a scene
+    without such an object gets a grounding question."""
+    colours = [o.colour for o in scene.objects]
+    by_colour = [o for o in scene.objects if colours.count(o.colour) == 1]
+    by_shape = unique_shape_objects(scene)
+    asks = [("colour", o) for o in by_shape] + [("shape", o) for o in by_colour]
+    if not asks:
+        return grounding(scene, rng)
+    what, obj = asks[int(rng.integers(len(asks)))]
+    if what == "colour":
+        return f"What colour is the {obj.shape}?" + SHORT_ANSWER_SUFFIX, obj.colour.capitalize()
+    return f"What shape is the {obj.colour} object?" + SHORT_ANSWER_SUFFIX, obj.shape.capitalize()
+
+
+_OTHER_KINDS = ("bind", "choice", "grounding")  # the non-presence half of a row's questions, in this order
+
+
 def question_turns(scene: Scene, rng: np.random.Generator, n: int, yes: list[bool],
                    letters: list[int]) -> list[tuple[str, str]]:
     """Up to ``n`` different questions about ``scene`` in random order: half presence (``yes`` gives their
-    answers), a quarter multiple choice (``letters`` their correct letters), a quarter grounding."""
-    kinds = ["presence"] * (n - n // 2) + ["choice"] * (n // 4) + ["grounding"] * (n // 2 - n // 4)
+    answers), the other half binding, multiple choice (``letters`` their correct letters) and grounding in
+    turn (four questions: two presence, one binding, one multiple choice)."""
+    kinds = ["presence"] * (n - n // 2) + [_OTHER_KINDS[i % len(_OTHER_KINDS)] for i in range(n // 2)]
     turns: dict[str, str] = {}  # question -> answer; a question asked twice in a row is drawn again
     for kind in kinds:
         label = yes.pop() if kind == "presence" else letters.pop() if kind == "choice" else None
         for _ in range(_DRAWS):
             question, answer = (presence(scene, label, rng) if kind == "presence" else choice(scene, rng, label)
-                                if kind == "choice" else grounding(scene, rng))
+                                if kind == "choice" else bind(scene, rng) if kind == "bind" else grounding(scene, rng))
             if question not in turns:
                 turns[question] = answer
                 break
