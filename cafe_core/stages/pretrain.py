@@ -31,7 +31,7 @@ def check_recipe(cfg: CafeConfig) -> None:
     """A base is pretrained on the instruction split with the LM loss only."""
     if cfg.synth.instruct_size < 1:
         raise BadInput("pretrain: synth.instruct_size is 0: the base is trained on the instruction split; set it "
-                       "(configs/base.yaml: 6000)")
+                       "(configs/base.yaml: 20000)")
     if cfg.train.loss.a_con != 0:  # (and a_lm > 0: the config refuses both 0)
         raise BadInput(f"pretrain: train.loss is a_lm={cfg.train.loss.a_lm}, a_con={cfg.train.loss.a_con}: the "
                        "base learns generation only (a_lm > 0, a_con = 0); CAFe adds the contrastive loss later")
