@@ -108,9 +108,12 @@ def train_data(tmp_path_factory) -> Path:
 
 def train_args(root: Path, output: Path | str, *extra: str) -> list[str]:
     """`cafe train` arguments for a tiny run on `train_data`: 6 steps of 8 pairs, a log line every step. The
-    process count is local.yaml's (2) unless an override sets train.nproc_per_node."""
+    process count is local.yaml's (2) unless an override sets train.nproc_per_node. The model is the tiny
+    preset's random init, not local.yaml's pretrained base: the training loop's golden values must not move
+    when the base is rebuilt (`make base`)."""
     return [
         "--config", LOCAL_CONFIG, f"root={root}", f"run_id={TRAIN_DATA_RUN}", f"train.output={output}",
+        "model.preset=tiny", "model.checkpoint=null",
         "train.global_batch_size=8", "train.max_steps=6", "train.log_every=1", "train.eval_every=3",
         "train.heldout_size=8", "train.checkpoint_every=2", "train.max_length=256", *extra,
     ]
