@@ -439,7 +439,7 @@ class ARun:
 def part_a_args(work: Path, root: Path, run: ARun, gpu: bool, steps: int) -> tuple[str, list[str]]:
     name = f"a-zero{run.zero}-{run.contrastive}"
     args = [
-        f"root={root}", "run_id=data", f"train.output={work / 'out' / name}", "model.preset=tiny",
+        f"root={root}", "run_id=data", f"train.output={work / 'out' / name}", "model.preset=tiny", "model.checkpoint=null",
         "train.nproc_per_node=2", f"train.zero_stage={run.zero}", f"train.max_steps={steps}",
         "train.global_batch_size=8", f"train.grad_accum={run.grad_accum}", f"train.contrastive_batch={run.contrastive}",
         f"train.log_every={max(steps // 4, 1)}", "train.heldout_size=8", f"train.eval_every={steps}",
@@ -518,7 +518,7 @@ class Model:
 
     def overrides(self) -> list[str]:
         precision = ["model.dtype=bfloat16", "train.precision=bf16"] if self.gpu else ["train.precision=fp32"]
-        return [f"model.preset={self.preset}", *precision]
+        return [f"model.preset={self.preset}", "model.checkpoint=null", *precision]
 
     @property
     def label(self) -> str:

@@ -33,7 +33,8 @@ class _Params(BaseModel):
     run_id: str = Field("", description="empty: the KFP run's id")
     config: str = Field("configs/local.yaml", description="base configuration file (a path in the image)")
     data_uri: str = Field("", description="LLaVA-OneVision parquet prefix; empty: the synthetic shapes data")
-    model_preset: str = Field("tiny", description="tiny | llava-onevision-qwen2-0.5b-si | ...-7b-si")
+    model_preset: str = Field("", description="empty: the config's model; tiny | llava-onevision-qwen2-0.5b-si | "
+                                             "...-7b-si (random init)")
     model_checkpoint: str = Field("", description="a Hugging Face folder (s3:// or path); replaces model_preset")
     a_con: float = Field(10.0, ge=0, description="weight of the contrastive loss")
     temperature: float = Field(0.05, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1],
@@ -178,7 +179,7 @@ def resolve_config(params: _Params, kfp_run_id: str = "", lm_ratio: float | None
     if params.model_checkpoint:
         args += ["model.preset=null", f"model.checkpoint={params.model_checkpoint}"]
     elif params.model_preset:
-        args.append(f"model.preset={params.model_preset}")
+        args += [f"model.preset={params.model_preset}", "model.checkpoint=null"]
     if params.gpus_per_node > 0:  # one process per GPU, bf16; on CPU the base file's process count stays
         args += [f"train.nproc_per_node={params.gpus_per_node}", "train.precision=bf16"]
     # JSON is YAML: strings stay strings (a namespace "123"), lists and mappings arrive whole.

@@ -211,11 +211,21 @@ def test_shipped_gate_yaml_is_valid_and_judges():
     rules = load_rules(Storage(), str(Path(__file__).parents[1] / "configs" / "gate.yaml"))
     gate = GateConfig(rules=rules)
     assert len(gate.rules) >= 7
-    champion = dict(GOOD)
-    assert all(v.passed for v in evaluate_rules(gate.rules, GOOD, champion)), "the sample metrics should pass"
-    worse = {**GOOD, "retrieval/shapes/t2i_R@1": 0.35}  # 12.5% below the champion's 0.40
+    # A model like the default run's CAFe model: it retrieves and still answers.
+    good = {**GOOD, **{f"pope/{s}/{m}": v for s in ("random", "popular", "adversarial")
+                       for m, v in (("accuracy", 0.80), ("f1", 0.80), ("yes_ratio", 0.55))},
+            "mc/mmstar/accuracy": 0.47, "caption/classwise/f0.5": 0.28}
+    champion = dict(good)
+    assert all(v.passed for v in evaluate_rules(gate.rules, good, champion)), "the sample metrics should pass"
+    worse = {**good, "retrieval/shapes/t2i_R@1": 0.35}  # 12.5% below the champion's 0.40
     failed = [v.metric for v in evaluate_rules(gate.rules, worse, champion) if not v.passed]
     assert failed == ["retrieval/shapes/t2i_R@1"]
+    # Absolute bounds, with no champion: a yes-sayer and a model that lost its understanding fail.
+    yes_sayer = {**good, "pope/adversarial/yes_ratio": 0.7}
+    assert [v.metric for v in evaluate_rules(gate.rules, yes_sayer, None) if not v.passed] == ["pope/adversarial/yes_ratio"]
+    lost = {**good, "mc/mmstar/accuracy": 0.27, "caption/classwise/f0.5": 0.03, "pope/adversarial/accuracy": 0.61}
+    assert sorted(v.metric for v in evaluate_rules(gate.rules, lost, None) if not v.passed) == [
+        "caption/classwise/f0.5", "mc/mmstar/accuracy", "pope/adversarial/accuracy"]
 
 
 # --- decide(): fails closed, on real files -----------------------------------------------------------

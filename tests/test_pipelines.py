@@ -323,6 +323,10 @@ def test_resolve_config_maps_parameters(tmp_path):
     assert lm_only.run_id == "r9-lmonly" and lm_only.train.loss.a_con == 0 and lm_only.train.loss.a_lm > 0
     assert lm_only.ablation.lm_ratio is None and lm_only.train.data == variant.train.data
     assert variant.train.data == f"{tmp_path}/runs/r9/convert"  # the base run's pairs
+    # No model parameter: the config file's model (local.yaml: the pretrained base); a preset replaces it.
+    assert variant.model.checkpoint == "models/shapes-base" and variant.model.preset is None
+    preset = resolve_config(RunParams(root=str(tmp_path), run_id="r", model_preset="tiny"))
+    assert preset.model.preset == "tiny" and preset.model.checkpoint is None
     with pytest.raises(ConfigError, match="not divisible by 3 nodes"):
         resolve_config(RunParams(root=str(tmp_path), run_id="r", nodes=3))
     with pytest.raises(ConfigError, match="no KFP run id"):
