@@ -169,8 +169,9 @@ def ablation_plot_png(header: list[str], rows: list[list[Any]]) -> bytes:
                 x, y = row[x_col], row[y_col]
                 if not (isinstance(x, (int, float)) and isinstance(y, (int, float))):
                     continue
-                ax.scatter([x], [y], marker="*" if row[0] == BASE else "o", s=120 if row[0] == BASE else 40)
-                ax.annotate(row[0], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                ax.scatter([x], [y], marker="*" if row[0] == BASE else "o", s=120 if row[0] == BASE else 40,
+                           label=row[0], alpha=0.85)
+            ax.legend(fontsize=7, loc="best", title="a_lm:a_con", title_fontsize=7)  # labels by the points overlap
             ax.set_xlabel("retrieval i2t R@1")
             ax.set_ylabel(label)
             ax.set_xlim(0, 1)
