@@ -25,11 +25,16 @@ pytestmark = pytest.mark.slow
 def write_model(store: Storage, prefix: str, seed: int) -> str:
     """A committed output shaped like `cafe train`'s final/: the HF folder under model/."""
     model, processor = build(ModelConfig(init_seed=seed))
-    out = OutputWriter(store, prefix, kind="trained-model")
     with tempfile.TemporaryDirectory() as tmp:
         save(model, processor, Path(tmp), cafe_config_yaml="{}", metrics={})
-        for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
-            out.put_file(f"model/{path.relative_to(tmp).as_posix()}", path)
+        return commit_folder(store, Path(tmp), prefix)
+
+
+def commit_folder(store: Storage, folder: Path, prefix: str) -> str:
+    """A local model folder as `cafe train`'s committed final/ output (the HF folder under model/)."""
+    out = OutputWriter(store, prefix, kind="trained-model")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        out.put_file(f"model/{path.relative_to(folder).as_posix()}", path)
     out.commit(meta={"steps": 0})
     return prefix
 

@@ -13,17 +13,17 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from cafe_core.cli import main
-from cafe_core.commit import OutputWriter, verify_output
+from cafe_core.commit import verify_output
 from cafe_core.gate import evaluate_rules, load_rules
 from cafe_core.s3server import LOCAL_CREDENTIALS
 from cafe_core.storage import Storage
 from tests.conftest import REPO
+from tests.test_export_evaluate import commit_folder
 
 # The one test that runs the whole default `make run` (400 training steps, ~4-5 min on an idle 2-core
 # machine): its timeout leaves a wide margin for a loaded one.
@@ -104,14 +104,6 @@ def refused(argv: list[str], capsys, store: Storage, bucket: str) -> None:
     assert main(["promote", *argv]) == 1
     assert "FAIL decision" in capsys.readouterr().err
     assert store.read_json(f"{bucket}/registry/cafe-llava-onevision/aliases.json")["champion"] == "v1"
-
-
-def commit_folder(store: Storage, folder: Path, prefix: str) -> None:
-    """A local model folder as `cafe train`'s committed final/ output (the HF folder under model/)."""
-    out = OutputWriter(store, prefix, kind="trained-model")
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        out.put_file(f"model/{path.relative_to(folder).as_posix()}", path)
-    out.commit(meta={"steps": 0})
 
 
 def cafe(*args: str) -> subprocess.CompletedProcess:
