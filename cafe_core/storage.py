@@ -14,8 +14,8 @@ import io
 import json
 import os
 import re
-import stat
 import shutil
+import stat
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -359,15 +359,18 @@ class Storage:
             if not root.is_dir():
                 return []
             out = []
-            for p in root.rglob("*"):
-                if _is_local_scratch(p.name):
-                    continue  # another writer's temp file or lock: never an object, as on S3
-                try:
-                    st = p.stat()
-                except FileNotFoundError:
-                    continue  # deleted or renamed away since the walk saw it
-                if stat.S_ISREG(st.st_mode):
-                    out.append(ObjectInfo(str(p), st.st_size))
+            # os.walk skips a folder removed under it (rglob raises); each file is stat'ed once, after.
+            for folder, _, names in os.walk(root):
+                for name in names:
+                    if _is_local_scratch(name):
+                        continue  # another writer's temp file or lock: never an object, as on S3
+                    path = Path(folder) / name
+                    try:
+                        st = path.stat()
+                    except FileNotFoundError:
+                        continue  # deleted or renamed away since the walk saw it
+                    if stat.S_ISREG(st.st_mode):
+                        out.append(ObjectInfo(str(path), st.st_size))
             return sorted(out, key=lambda o: o.uri)
         bucket, key = split_s3(base)
         key_prefix = f"{key}/" if key else ""

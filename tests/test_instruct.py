@@ -98,7 +98,7 @@ def test_a_row_asks_different_questions_and_consumes_one_label_each():
 
 
 def test_rows_are_balanced_and_shaped_as_evaluation_asks():
-    rows = list(instruct_rows(1200, np.random.default_rng(5), 0.3, 4, lambda scene: b"png", IMAGE_TOKEN))
+    rows = list(instruct_rows(1200, np.random.default_rng(5), 0.3, 6, lambda scene: b"png", IMAGE_TOKEN))  # base.yaml's 6
     describe = [r for r in rows if r["conversations"][0]["value"] == f"{IMAGE_TOKEN}\n{DESCRIBE}"]
     assert 0.26 < len(describe) / len(rows) < 0.34
     answers: Counter = Counter()
@@ -111,15 +111,19 @@ def test_rows_are_balanced_and_shaped_as_evaluation_asks():
         if row in describe:
             assert len(turns) == 2  # never a description and questions in one row
         else:
-            assert 3 <= len(humans) <= 4 and not any(DESCRIBE in h for h in humans)
+            assert 4 <= len(humans) <= 6 and not any(DESCRIBE in h for h in humans)
             answers.update(t["value"] for t in turns[1::2] if t["value"] in ("Yes", "No", *LETTERS))
     yes_share = answers["Yes"] / (answers["Yes"] + answers["No"])
     assert 0.45 < yes_share <= 0.5  # balanced blocks; a repeated "yes" question on a one-object scene is dropped
     letters = [answers[letter] for letter in LETTERS]
     assert max(letters) - min(letters) <= 4  # shuffled blocks of every letter
-    firsts = Counter("presence" if "Is there" in r["conversations"][0]["value"] else "choice" if "Options:" in
-                     r["conversations"][0]["value"] else "where" for r in rows if r not in describe)
-    assert min(firsts.values()) > 100  # each kind is asked first too, as the evaluation asks it
+    def kind(question: str) -> str:
+        return ("presence" if "Is there" in question else "choice" if "Options:" in question
+                else "where" if "Where is" in question else "bind" if "What " in question else question)
+
+    firsts = Counter(kind(r["conversations"][0]["value"]) for r in rows if r not in describe)
+    assert set(firsts) == {"presence", "choice", "where", "bind"} and min(firsts.values()) > 80, firsts
+    # each kind is asked first too, as the evaluation asks it
 
 
 def test_rows_are_a_pure_function_of_the_seed():

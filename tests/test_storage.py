@@ -75,13 +75,13 @@ def test_local_listing_sees_objects_only_while_others_write(tmp_path, monkeypatc
     store.write_bytes_if(str(base / "b.json"), b"1", if_none_match=True)  # leaves .b.json.lock
     (base / ".a.json.tmp-0123abcd").write_bytes(b"half")
     (base / ".hidden").write_bytes(b"x")  # a dot-file that is not scratch is an object
-    real_rglob = Path.rglob
+    real_walk = os.walk
 
-    def walk_then_vanish(self, pattern):
-        yield from real_rglob(self, pattern)
-        yield self / "gone.json"  # seen by the walk, deleted before the stat
+    def walk_then_vanish(top, *args, **kwargs):
+        for folder, dirs, names in real_walk(top, *args, **kwargs):
+            yield folder, dirs, [*names, "gone.json"]  # seen by the walk, deleted before the stat
 
-    monkeypatch.setattr(Path, "rglob", walk_then_vanish)
+    monkeypatch.setattr(os, "walk", walk_then_vanish)
     assert [Path(o.uri).name for o in store.list(str(base))] == [".hidden", "a.json", "b.json"]
 
 

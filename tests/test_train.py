@@ -189,7 +189,7 @@ def _fake_checkpoint(root: Path, output: Path, world: int, *overrides: str) -> N
             (Path(save_dir) / tag).mkdir(parents=True)
             (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"states")
 
-    cfg = load_config(LOCAL_CONFIG, [f"root={root}", "run_id=data", f"train.output={output}", *overrides])
+    cfg = load_config(LOCAL_CONFIG, [*train_args(root, output)[2:], *overrides])  # as the run it is compared with
     Checkpoints(Storage(), str(output / "checkpoints"), keep=2).save(Engine(), 2, compatibility(cfg, world), {})
 
 
@@ -206,6 +206,7 @@ def test_incompatible_checkpoint_is_refused(train_data, tmp_path, cafe_main, cap
     assert cafe_main("train", *train_args(train_data, out, *now)) == 2
     err = capsys.readouterr().err
     assert message in err and "start fresh with train.resume=none" in err
+    assert err.count("checkpoint has") == 1  # only the difference made, nothing the fake got wrong
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest.json", tag_for(2)]  # untouched
 
 
@@ -213,7 +214,8 @@ def test_world_size_must_match_the_checkpoint(train_data, tmp_path, cafe_main, c
     out = tmp_path / "world"
     _fake_checkpoint(train_data, out, 4)
     assert cafe_main("train", *train_args(train_data, out)) == 2
-    assert "world_size: checkpoint has 4, this run has 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "world_size: checkpoint has 4, this run has 2" in err and err.count("checkpoint has") == 1
 
 
 # --- single-process runs (in this process) ----------------------------------------------------------

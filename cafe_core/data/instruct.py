@@ -103,7 +103,8 @@ def question_turns(scene: Scene, rng: np.random.Generator, n: int, yes: list[boo
                    letters: list[int]) -> list[tuple[str, str]]:
     """Up to ``n`` different questions about ``scene`` in random order: half presence (``yes`` gives their
     answers), the other half binding, multiple choice (``letters`` their correct letters) and grounding in
-    turn (four questions: two presence, one binding, one multiple choice)."""
+    turn (four questions: two presence, one binding, one multiple choice; grounding from six on, or where no
+    object is named by one attribute)."""
     kinds = ["presence"] * (n - n // 2) + [_OTHER_KINDS[i % len(_OTHER_KINDS)] for i in range(n // 2)]
     turns: dict[str, str] = {}  # question -> answer; a question asked twice in a row is drawn again
     for kind in kinds:

@@ -171,7 +171,8 @@ def ablation_plot_png(header: list[str], rows: list[list[Any]]) -> bytes:
                     continue
                 ax.scatter([x], [y], marker="*" if row[0] == BASE else "o", s=120 if row[0] == BASE else 40,
                            label=row[0], alpha=0.85)
-            ax.legend(fontsize=7, loc="best", title="a_lm:a_con", title_fontsize=7)  # labels by the points overlap
+            if ax.collections:  # labels by the points overlap; a family not evaluated leaves a panel empty
+                ax.legend(fontsize=7, loc="best", title="a_lm:a_con", title_fontsize=7)
             ax.set_xlabel("retrieval i2t R@1")
             ax.set_ylabel(label)
             ax.set_xlim(0, 1)

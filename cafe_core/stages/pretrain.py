@@ -108,7 +108,7 @@ def model_card(cfg: CafeConfig, record: dict) -> str:
 The real `LlavaOnevisionForConditionalGeneration` class at CPU size, pretrained by `make base`
 (`cafe pretrain --config configs/base.yaml`) with the LM loss only on the shapes world's instruction split
 (descriptions; presence questions with POPE's instruction; count, colour, shape and position multiple choice;
-grounding). `make run` fine-tunes it with CAFe (`model.checkpoint`).
+grounding; binding: "What colour is the star?"). `make run` fine-tunes it with CAFe (`model.checkpoint`).
 
 - code: {code_version()}
 - run: {cfg.run_id}, data seed {cfg.synth.seed}, training seed {cfg.train.seed}
