@@ -439,7 +439,8 @@ class ARun:
 def part_a_args(work: Path, root: Path, run: ARun, gpu: bool, steps: int) -> tuple[str, list[str]]:
     name = f"a-zero{run.zero}-{run.contrastive}"
     args = [
-        f"root={root}", "run_id=data", f"train.output={work / 'out' / name}", "model.preset=tiny", "model.checkpoint=null",
+        f"root={root}", "run_id=data", f"train.output={work / 'out' / name}",
+        "model.preset=tiny", "model.checkpoint=null",
         "train.nproc_per_node=2", f"train.zero_stage={run.zero}", f"train.max_steps={steps}",
         "train.global_batch_size=8", f"train.grad_accum={run.grad_accum}", f"train.contrastive_batch={run.contrastive}",
         f"train.log_every={max(steps // 4, 1)}", "train.heldout_size=8", f"train.eval_every={steps}",

@@ -117,13 +117,14 @@ def test_rows_are_balanced_and_shaped_as_evaluation_asks():
     assert 0.45 < yes_share <= 0.5  # balanced blocks; a repeated "yes" question on a one-object scene is dropped
     letters = [answers[letter] for letter in LETTERS]
     assert max(letters) - min(letters) <= 4  # shuffled blocks of every letter
+
     def kind(question: str) -> str:
         return ("presence" if "Is there" in question else "choice" if "Options:" in question
                 else "where" if "Where is" in question else "bind" if "What " in question else question)
 
+    # each kind is asked first too, as the evaluation asks it
     firsts = Counter(kind(r["conversations"][0]["value"]) for r in rows if r not in describe)
     assert set(firsts) == {"presence", "choice", "where", "bind"} and min(firsts.values()) > 80, firsts
-    # each kind is asked first too, as the evaluation asks it
 
 
 def test_rows_are_a_pure_function_of_the_seed():

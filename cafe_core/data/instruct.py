@@ -6,8 +6,8 @@ A row is one image and either a detailed description or several independent ques
 the evaluation asks it: presence questions with POPE's short-answer instruction (yes and no balanced, the
 absent objects drawn as POPE draws them: at random, by popularity, and sharing a colour or a shape with an
 object in the image), MMStar-style multiple choice on count, colour, shape and position (letters balanced),
-grounding ("Where is the red star?") and binding ("What colour is the star?"). Questions are shuffled within a row, so each kind is also asked
-first, as evaluation asks it. No row holds a description and questions together: a description in the
+grounding ("Where is the red star?") and binding ("What colour is the star?"). Questions are shuffled within
+a row, so each kind is also asked first, as evaluation asks it. No row holds a description and questions together: a description in the
 context would answer the questions without looking at the image.
 """
 
@@ -109,9 +109,10 @@ def question_turns(scene: Scene, rng: np.random.Generator, n: int, yes: list[boo
     turns: dict[str, str] = {}  # question -> answer; a question asked twice in a row is drawn again
     for kind in kinds:
         label = yes.pop() if kind == "presence" else letters.pop() if kind == "choice" else None
+        ask = {"presence": lambda: presence(scene, label, rng), "choice": lambda: choice(scene, rng, label),
+               "bind": lambda: bind(scene, rng), "grounding": lambda: grounding(scene, rng)}[kind]
         for _ in range(_DRAWS):
-            question, answer = (presence(scene, label, rng) if kind == "presence" else choice(scene, rng, label)
-                                if kind == "choice" else bind(scene, rng) if kind == "bind" else grounding(scene, rng))
+            question, answer = ask()
             if question not in turns:
                 turns[question] = answer
                 break
