@@ -119,7 +119,7 @@ class DataConfig(Strict):
 
     sources: list[SourceConfig] = Field(min_length=1)
     output: str = TEMPLATE.convert
-    caption_rule: Literal["joined", "first"] = "joined"
+    caption_rule: Literal["joined", "first", "last"] = "joined"
     max_samples: int | None = Field(None, ge=1)  # per run, across sources, counted on input records
     max_caption_chars: int = Field(8000, ge=1)
     max_id_chars: int = Field(256, ge=1, le=1024)

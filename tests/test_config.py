@@ -57,9 +57,9 @@ def test_unknown_key_in_yaml(tmp_path):
 
 def test_bad_value_names_allowed_values():
     with pytest.raises(ConfigError) as err:
-        load_config(LOCAL, ["data.caption_rule=last"])
-    assert "data.caption_rule" in str(err.value) and "'joined' or 'first'" in str(err.value)
-    assert "given: 'last'" in str(err.value)
+        load_config(LOCAL, ["data.caption_rule=longest"])
+    assert "data.caption_rule" in str(err.value) and "'joined', 'first' or 'last'" in str(err.value)
+    assert "given: 'longest'" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -165,6 +165,8 @@ def test_caption_rules(tmp_path):
     t = pairs(tmp_path)
     assert t.column("caption").to_pylist() == ["Two shapes."]
     assert t.column("conversations").to_pylist()[0] == conv  # the full conversation stays for the LM loss
+    run(tmp_path, [pq_source(src)], caption_rule="last")
+    assert pairs(tmp_path).column("caption").to_pylist() == ["No"]
 
 
 def test_unreadable_shard_is_reported_and_others_converted(tmp_path):

@@ -198,7 +198,7 @@ def classify(row: dict[str, Any], previous: dict[str, Any] | None) -> str | None
     gpt = [t["value"] for t in turns if t["from"] == "gpt"]
     if not gpt:
         return "no_gpt_turn"
-    if not gpt[0].strip():
+    if not gpt[-1].strip():  # the description, the caption (data.caption_rule: last)
         return "empty_caption"
     if previous and row["id"] == previous["id"]:
         return "duplicate_id"
@@ -226,16 +226,18 @@ def test_clean_rows_ask_true_and_balanced_questions(built, root):
     for row in rows:
         turns = row["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * 3
-        assert turns[0]["value"] == "<image>\nDescribe the image in detail."
         assert decode(row["image"]["bytes"]).size == (cfg.image_size, cfg.image_size)
-        present = mentioned(turns[1]["value"])  # the caption names every object (tested below)
-        assert turns[2]["value"].endswith("\nAnswer the question using a single word or phrase.")  # as POPE asks
-        assert turns[3]["value"] == ("Yes" if asked_class(turns[2]["value"]) in present else "No")
-        yes_no[turns[3]["value"]] += 1
-        question, options = options_of(turns[4]["value"].removesuffix(
+        # The questions come first, answered from the image alone; the description, the caption, last.
+        assert turns[0]["value"].endswith("\nAnswer the question using a single word or phrase.")  # as POPE asks
+        assert turns[4]["value"] == "Describe the image in detail."
+        present = mentioned(turns[5]["value"])  # the caption names every object (tested below)
+        asked = asked_class(turns[0]["value"].removeprefix("<image>\n"))
+        assert turns[1]["value"] == ("Yes" if asked in present else "No")
+        yes_no[turns[1]["value"]] += 1
+        question, options = options_of(turns[2]["value"].removesuffix(
             "\nAnswer with the option's letter from the given choices directly."))
-        answer = options[turns[5]["value"]]
-        letters[turns[5]["value"]] += 1
+        answer = options[turns[3]["value"]]
+        letters[turns[3]["value"]] += 1
         assert len(set(options.values())) == 4
         if question == "How many objects are in the image?":
             assert answer == str(len(present))

@@ -192,11 +192,12 @@ def check_image_placement(turns: list[dict[str, str]]) -> None:
 
 
 def caption_of(turns: list[dict[str, str]], rule: str, max_chars: int) -> str:
-    """The pair's caption: the gpt turns joined (the reference's rule) or the first gpt turn."""
+    """The pair's caption: the gpt turns joined (the reference's rule), or the first or the last gpt turn."""
     answers = [t["value"].strip() for t in turns if t["from"] == "gpt"]
     if not answers:
         raise Reject(NO_GPT_TURN, f"{len(turns)} turns, none from gpt")
-    caption = answers[0] if rule == "first" else "\n".join(a for a in answers if a)
+    picked = {"first": answers[:1], "last": answers[-1:]}.get(rule, answers)
+    caption = "\n".join(a for a in picked if a)
     if not caption.strip():
         raise Reject(EMPTY_CAPTION, "the caption is empty or whitespace")
     if len(caption) > max_chars:
