@@ -287,7 +287,10 @@ def test_caption_metrics_edge_cases():
     ("I think C fits best", "C"),
     ("A red circle", None),  # the article, not option A
     ("A or B", None),  # ambiguous
-    ("the answer is a dog", None),  # lower-case "a" after a cue is a word
+    ("the answer is a dog", None),  # lower-case "a" after a cue, then a word: the article
+    ("the answer is b", "B"), ("The answer is (c).", "C"), ("answer: d", "D"),  # lower case, nothing after
+    ("B is correct", "B"), ("(c) is the right answer.", "C"), ("A is correct because it is red", "A"),
+    ("A is red", None),  # the article before a verb: not option A
     ("E", None), ("", None), ("blue", None),
 ])
 def test_extract_letter(answer, letter):

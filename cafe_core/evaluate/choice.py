@@ -5,9 +5,11 @@ Letter extraction, first rule that applies (letters are those of ``options``; No
 1. The answer starts with a letter closed by ``)``, ``]``, ``.``, ``:`` or the end of the answer, optionally
    opened by ``(`` or ``[``: "B", "B.", "(B)", "[B]", "B: blue", "b) blue". Lower case is accepted here
    only, where the punctuation makes it a label ("a dog" is not option A).
-2. A cue then an upper-case letter standing alone: "The answer is B", "Answer: (C)", "option D",
-   "the correct choice is A." (the first such cue).
-3. Exactly one distinct option letter standing alone (upper case, after brackets and punctuation become
+2. A cue then a letter standing alone: "The answer is B", "Answer: (C)", "option D", "the correct choice
+   is A." (the first such cue). Lower case only where nothing but punctuation follows it: "the answer is b"
+   and "the answer is (c)." are letters, "the answer is a dog" is a word.
+3. A letter that opens the answer and is called correct: "B is correct", "(c) is the right answer".
+4. Exactly one distinct option letter standing alone (upper case, after brackets and punctuation become
    spaces) anywhere in the answer, as VLMEvalKit's ``can_infer_option`` does: "I think C fits best".
    Two different letters ("A or B") are ambiguous: None. An "A" that opens the answer before a lower-case
    word is the article ("A red circle"), not option A.
@@ -41,10 +43,14 @@ def extract_letter(answer: str, options: str = "ABCD") -> str | None:
     lead = re.match(r"^[(\[]?\s*([A-Za-z])\s*(?:[)\].:]|$)", text)
     if lead and lead[1].upper() in letters:
         return lead[1].upper()
-    cue = re.search(rf"\b(?:answer|option|choice)\b(?:\s+is)?\s*:?\s*[(\[]?([{letters}])(?![A-Za-z])", text,
-                    flags=re.IGNORECASE)
-    if cue and cue[1] in letters:  # the letter itself must be upper case ("the answer is a dog")
-        return cue[1]
+    cue = re.search(rf"\b(?:answer|option|choice)\b(?:\s+is)?\s*:?\s*[(\[]?([{letters}])(?![A-Za-z])(.*)", text,
+                    flags=re.IGNORECASE | re.DOTALL)
+    # An upper-case letter whatever follows; a lower-case one only at the end ("the answer is a dog").
+    if cue and (cue[1].isupper() or not re.search(r"[A-Za-z0-9]", cue[2])):
+        return cue[1].upper()
+    called = re.match(rf"^[(\[]?([{letters}])[)\]]?\s+is\s+(?:the\s+)?(?:correct|right)\b", text, flags=re.IGNORECASE)
+    if called:
+        return called[1].upper()
     words = _PUNCT.sub(" ", text).split()
     standalone = {w for w in words if len(w) == 1 and w in letters}
     if len(words) > 1 and words[0] == "A" and words[1][:1].islower() and words[1] not in ("or", "and"):
