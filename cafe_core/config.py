@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cafe_core.cluster.settings import ClusterConfig
 from cafe_core.errors import BadInput
+from cafe_core.evaluate.directions import UnknownDirection, direction_of
 from cafe_core.layout import TEMPLATE
 from cafe_core.prompts import (
     DESCRIBE,
@@ -416,7 +417,9 @@ class GateRule(Strict):
     """A bound on one metric, or on every metric a glob matches (each slice checked on its own)."""
 
     metric: str = Field(min_length=1)  # e.g. "retrieval/*/i2t_R@1", "pope/*/f1"
-    direction: Literal["higher", "lower"] = "higher"  # which way is better
+    # Which way is better: known for every metric the evaluation writes (cafe_core/evaluate/directions.py);
+    # a rule on any other name must state it to compare with the champion.
+    direction: Literal["higher", "lower"] | None = None
     min: float | None = None
     max: float | None = None
     max_drop: float | None = Field(None, ge=0)  # allowed change for the worse against the champion, absolute
@@ -426,6 +429,22 @@ class GateRule(Strict):
     def _bounds(self) -> "GateRule":
         if all(v is None for v in (self.min, self.max, self.max_drop, self.max_drop_relative)):
             raise ValueError(f"gate rule for {self.metric!r} has no bound: set min, max, max_drop or max_drop_relative")
+        try:
+            known, listed = direction_of(self.metric), True
+        except UnknownDirection:
+            known, listed = self.direction, False
+        if listed and self.direction not in (None, known):
+            better = f"{known} is better" if known else "it has no better side"
+            raise ValueError(f"gate rule for {self.metric!r} says direction {self.direction!r}, but {better} for "
+                             "this metric (cafe_core/evaluate/directions.py): remove direction")
+        if (self.max_drop is not None or self.max_drop_relative is not None) and known is None:
+            if listed:
+                raise ValueError(f"gate rule for {self.metric!r}: the metric has no better side, so a drop against "
+                                 "the champion means nothing; bound it with min and max only")
+            raise ValueError(f"gate rule for {self.metric!r}: which way is better is not known for this name; "
+                             "state direction: higher or direction: lower to compare with the champion")
+        if self.direction != known:  # (the assignment validates again, and then finds them equal)
+            self.direction = known
         return self
 
 

@@ -39,7 +39,7 @@ class Verdict(_Record):
     metric: str  # the metric name; the rule's pattern itself when the pattern matched nothing
     rule: str  # the rule's metric pattern (a glob may check several slices)
     value: float | None  # None when missing or not a number
-    direction: Literal["higher", "lower"]
+    direction: Literal["higher", "lower"] | None  # None: the metric has no better side (absolute bounds only)
     min: float | None = None
     max: float | None = None
     max_drop: float | None = None
@@ -142,7 +142,7 @@ def _bounds_text(v: Verdict) -> str:
         parts.append(f"drop <= {v.max_drop:g}")
     if v.max_drop_relative is not None:
         parts.append(f"drop <= {v.max_drop_relative:.0%}")
-    return ", ".join(parts) + ("" if v.direction == "higher" else " (lower is better)")
+    return ", ".join(parts) + (" (lower is better)" if v.direction == "lower" else "")
 
 
 @dataclass(frozen=True)

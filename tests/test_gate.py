@@ -11,6 +11,7 @@ import pytest
 
 from cafe_core.commit import MANIFEST, OutputWriter, manifest_digest, read_manifest
 from cafe_core.config import CafeConfig, GateConfig, GateRule, load_config
+from cafe_core.evaluate.directions import UnknownDirection, direction_of
 from cafe_core.gate import decide, evaluate_rules, load_rules, write_decision
 from cafe_core.records import ChampionInfo, ChampionUnreadable, Decision, read_decision
 from cafe_core.registry import champion_metrics
@@ -171,13 +172,56 @@ def test_max_drop_relative(direction, value, passed):
         assert "> 10% of it (0.05)" in v.reason
 
 
+def test_direction_comes_from_the_metric_table():
+    # The modality gap is lower-is-better without the rule saying so: a rise of 0.06 is a drop of 0.06.
+    rule = GateRule(metric="gap/shapes/centroid_distance", max_drop=0.05)
+    assert rule.direction == "lower"
+    v = one(rule, {"gap/shapes/centroid_distance": 0.46}, {"gap/shapes/centroid_distance": 0.40})
+    assert not v.passed and "drop +0.06" in v.reason
+    assert GateRule(metric="retrieval/*/t2i_R@5", max_drop=0.01).direction == "higher"
+    assert GateRule(metric="mc/mmstar/coarse_perception/accuracy", min=0.3).direction == "higher"
+    assert GateRule(metric="pope/*/yes_ratio", min=0.4, max=0.6).direction is None  # a band: no better side
+
+
+def test_every_metric_an_evaluation_writes_has_a_known_direction():
+    # A real evaluation's output (the committed base's card: pope, mc, caption, retrieval, gap) and MMEB's names.
+    names = json.loads((Path(__file__).parents[1] / "models/shapes-base/metrics.json").read_text())["metrics"]
+    names = [*names, "mmeb/overall/p@1", "mmeb/classification/p@1", "mmeb/dataset/ShapesI2T/p@1"]
+    assert len(names) > 100
+    unknown = []
+    for name in names:
+        try:
+            direction_of(name)
+        except UnknownDirection:
+            unknown.append(name)
+    assert not unknown, f"add these to cafe_core/evaluate/directions.py: {unknown}"
+
+
+@pytest.mark.parametrize("rule, message", [
+    (dict(metric="gap/centroid_distance", direction="higher", max_drop=0.05), "lower is better for this metric"),
+    (dict(metric="pope/*/yes_ratio", max_drop=0.05), "no better side"),
+    (dict(metric="pope/*/yes_ratio", direction="lower", max=0.7), "it has no better side"),
+    (dict(metric="pope/*", max_drop=0.05), "not known for this name; state direction"),  # the glob covers both
+    (dict(metric="my/custom_loss", max_drop_relative=0.1), "not known for this name; state direction"),
+])
+def test_rules_without_a_known_direction_are_refused(rule, message):
+    with pytest.raises(ValueError, match=message):
+        GateRule(**rule)
+
+
+def test_a_stated_direction_serves_names_the_table_does_not_know():
+    assert GateRule(metric="my/custom_loss", direction="lower", max_drop=0.1).direction == "lower"
+    assert GateRule(metric="my/custom_score", min=0.5).direction is None  # absolute bounds need no direction
+
+
 def test_champion_lacking_the_metric_fails():
     v = one(GateRule(metric="pope/random/f1", min=0.5, max_drop=0.05), {"pope/random/f1": 0.7}, {"other": 1.0})
     assert not v.passed and "champion has no 'pope/random/f1'" in v.reason
 
 
 def test_champion_nan_fails():
-    v = one(GateRule(metric="m", max_drop_relative=0.1), {"m": 0.7}, {"m": float("nan")})
+    v = one(GateRule(metric="pope/random/f1", max_drop_relative=0.1), {"pope/random/f1": 0.7},
+            {"pope/random/f1": float("nan")})
     assert not v.passed and "not a finite number: cannot compare" in v.reason
 
 
