@@ -3,6 +3,7 @@ same loss and gradients whether the batch is on one rank or split over two."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import get_args
 
 import numpy as np
@@ -15,7 +16,7 @@ from cafe_core.config import ModelConfig, PromptConfig
 from cafe_core.data.shapes import detailed_caption, png_bytes, render, sample_scene
 from cafe_core.loss import IGNORE_INDEX, JointLoss
 from cafe_core.model.build import build
-from cafe_core.model.inputs import InputBuilder, InputError, Segment
+from cafe_core.model.inputs import InputBuilder, InputError, Segment, embedding_prompt
 from cafe_core.model.joint import CafeModel
 from cafe_core.ports import free_port
 from cafe_core.prompts import IMAGE_TOKEN
@@ -130,6 +131,38 @@ def test_embedding_prompts_are_the_reference_strings(tiny):
     assert "<|im_start|>user\n<image><image>\nCompress this image in one word:<|im_end|>" in image
     long = builder.prompt(PROMPTS.text, "word " * 2000)
     assert len(long.ids) <= 512 and processor.tokenizer.decode(long.ids).endswith("one word:<|im_end|>\n<|im_start|>assistant\n<|im_end|>")
+
+
+def seam_merging_tokenizer():
+    """A byte-level BPE (the Qwen2 family's kind) trained so that a caption's last word merges with the
+    instruction after it ("starCompress"): the tokens differ when the two are encoded apart."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|im_start|>", "<|im_end|>", IMAGE_TOKEN, "<|endoftext|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["a red starCompress this sentence in one word:"] * 50, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[:3])
+
+
+def test_text_prompt_is_tokenised_as_one_string_like_the_reference():
+    tokenizer = seam_merging_tokenizer()
+    builder = InputBuilder(SimpleNamespace(tokenizer=tokenizer), PROMPTS, 512)
+    rendered = embedding_prompt(PROMPTS, PROMPTS.text)
+    joined = tokenizer(rendered.replace("{text}", "a red star"), add_special_tokens=False)["input_ids"]
+    before, after = (tokenizer(part, add_special_tokens=False)["input_ids"] for part in rendered.split("{text}"))
+    apart = before + tokenizer("a red star", add_special_tokens=False)["input_ids"] + after
+    assert joined != apart  # the seam merges: the test can tell the two encodings apart
+    assert builder.prompt(PROMPTS.text, "a red star").ids == joined
+    # Too long for max_length: the text is cut, the instruction kept (encoded apart, as it must be then).
+    short = InputBuilder(SimpleNamespace(tokenizer=tokenizer), PROMPTS, len(before) + len(after) + 3)
+    cut = short.prompt(PROMPTS.text, "a blue circle, " * 20).ids
+    assert len(cut) == short.max_length and cut[: len(before)] == before and cut[-len(after):] == after
 
 
 def test_left_and_right_padding_give_the_same_embeddings(tiny_attn):

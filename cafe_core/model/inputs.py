@@ -172,15 +172,20 @@ class InputBuilder:
         return TokenSeq(expanded, targets)
 
     def prompt(self, template: str, text: str | None = None, image_tokens: Sequence[int] = ()) -> TokenSeq:
-        """An embedding prompt; a text too long for max_length is cut, never the instruction around it."""
+        """An embedding prompt, tokenised as one string as the reference does (a caption ending in a word runs
+        into "Compress ..." with no separator, and BPE may merge across the seam); a text too long for
+        max_length is cut, never the instruction around it."""
         rendered = embedding_prompt(self.prompts, template)
         if text is None or "{text}" not in rendered:
             return TokenSeq(self.expand_images(self.encode(rendered), image_tokens))
+        extra = sum(image_tokens) - len(image_tokens)  # placeholders grow into image tokens
+        joined = self.encode(rendered.replace("{text}", text, 1))
+        if len(joined) + extra <= self.max_length:
+            return TokenSeq(self.expand_images(joined, image_tokens))
         if rendered not in self._template_ids:  # the instruction around {text} is the same for every item
             self._template_ids[rendered] = tuple(self.encode(part) for part in rendered.split("{text}", 1))
         before, after = self._template_ids[rendered]
         body = self.encode(text)
-        extra = sum(image_tokens) - len(image_tokens)  # placeholders grow into image tokens
         budget = self.max_length - len(before) - len(after) - extra
         if budget < 1:
             raise InputError(f"prompt template alone is over train.max_length={self.max_length} tokens")
