@@ -267,6 +267,27 @@ def test_caption_metrics_by_hand():
     assert all(type(v) is float for v in got.values())
 
 
+def test_throne_averaging_by_hand():
+    # cat: 2 correct mentions -> P = R = F = 1. dog: said once wrongly (image 1), missed once (image 3) -> P = R
+    # = 0, F undefined. car: the same (said in image 3, missed in image 2).
+    said = [{"cat", "dog"}, {"cat"}, {"car"}]
+    truth = [{"cat"}, {"cat", "car"}, {"dog"}]
+    got = caption_metrics(said, truth, ["cat", "dog", "car"])
+    assert got["caption/classwise/f0.5"] == pytest.approx(1 / 3)  # ours: the undefined F counts 0
+    assert got["caption/throne/classwise/f0.5"] == pytest.approx(1.0)  # THRONE: nanmean over the cat alone
+    assert got["caption/throne/classwise/precision"] == pytest.approx(1 / 3)
+    assert got["caption/throne/classwise/recall"] == pytest.approx(1 / 3)
+    # Per image: (P, R) = (1/2, 1), (1, 1/2), (0, 0); F0.5 = .5556, .8333, undefined; F1 = 2/3, 2/3, undefined.
+    assert got["caption/throne/per_image/precision"] == pytest.approx(0.5)
+    assert got["caption/throne/per_image/recall"] == pytest.approx(0.5)
+    assert got["caption/throne/per_image/f0.5"] == pytest.approx((0.625 / 1.125 + 0.625 / 0.75) / 2)
+    assert got["caption/throne/per_image/f1"] == pytest.approx(2 / 3)
+    # A class only in the vocabulary has no decision: it changes none of the means.
+    assert caption_metrics(said, truth, ["cat", "dog", "car", "bus"])["caption/throne/classwise/f0.5"] == 1.0
+    # Nothing right anywhere: every F undefined -> 0.0
+    assert caption_metrics([{"dog"}], [{"cat"}], ["cat", "dog"])["caption/throne/classwise/f0.5"] == 0.0
+
+
 def test_caption_metrics_edge_cases():
     # a class name with a space becomes one metric-name part
     got = caption_metrics([{"traffic light"}], [{"traffic light"}], ["traffic light"])

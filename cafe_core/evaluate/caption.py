@@ -20,6 +20,14 @@ F-beta = (1 + b^2) P R / (b^2 P + R) with b = 1 and 0.5. "overall" pools every (
 (micro); "classwise" is the mean over classes of the per-class values, over the classes that occur in the
 ground truth or are mentioned at least once (a class with neither has no decision to score). Class-wise
 F0.5 is THRONE's principal metric. A zero denominator gives 0.0.
+
+THRONE's own code averages differently, and its numbers are reported beside these under their own names
+(``caption/throne/...``), so a result can be set beside the paper's: ``classwise`` takes each class's P, R
+and F over all images and the NaN-ignoring mean over classes, where P is undefined without a mention, R
+without a ground-truth object, and F unless the class has a correct mention (so a class only ever
+hallucinated or only ever missed drops out of the F mean instead of counting 0); ``per_image`` (its "micro"
+strategy) scores each image's class sets (P = R = 0 when either set is empty) and takes the NaN-ignoring
+mean over images, F over the images with P + R > 0. Where every value is undefined the mean is 0.0.
 """
 
 from __future__ import annotations
@@ -124,8 +132,40 @@ def caption_metrics(
     scored = (tp + fp + fn) > 0
     for name, values in (("precision", pc), ("recall", rc), ("f1", f1c), ("f0.5", f05c)):
         out[f"caption/classwise/{name}"] = float(values[scored].mean()) if scored.any() else 0.0
+    out.update(throne_metrics(said, real))
     for k in np.flatnonzero(scored):
         part = metric_part(classes[k])
         out.update({f"caption/class/{part}/precision": float(pc[k]), f"caption/class/{part}/recall": float(rc[k]),
                     f"caption/class/{part}/f0.5": float(f05c[k])})
+    return out
+
+
+def _nanmean(values: np.ndarray) -> float:
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else 0.0
+
+
+def _f_or_nan(p: np.ndarray, r: np.ndarray, beta: float) -> np.ndarray:
+    """F-beta as THRONE computes it: NaN where P or R is undefined or both are 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (1 + beta**2) * p * r / (beta**2 * p + r)
+
+
+def throne_metrics(said: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """``caption/throne/{classwise,per_image}/{precision,recall,f1,f0.5}`` from (images x classes) boolean
+    matrices of mentioned and present classes, averaged as THRONE's code averages (module docstring)."""
+    out: dict[str, float] = {}
+    tp, predicted, present = (said & real).sum(0), said.sum(0), real.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(predicted > 0, tp / np.maximum(predicted, 1), np.nan)
+        r = np.where(present > 0, tp / np.maximum(present, 1), np.nan)
+    hits, n_said, n_real = (said & real).sum(1), said.sum(1), real.sum(1)
+    both = (n_said > 0) & (n_real > 0)
+    pi = np.where(both, hits / np.maximum(n_said, 1), 0.0)
+    ri = np.where(both, hits / np.maximum(n_real, 1), 0.0)
+    for level, (pv, rv) in (("classwise", (p, r)), ("per_image", (pi, ri))):
+        out[f"caption/throne/{level}/precision"] = _nanmean(pv)
+        out[f"caption/throne/{level}/recall"] = _nanmean(rv)
+        out[f"caption/throne/{level}/f1"] = _nanmean(_f_or_nan(pv, rv, 1.0))
+        out[f"caption/throne/{level}/f0.5"] = _nanmean(_f_or_nan(pv, rv, 0.5))
     return out
