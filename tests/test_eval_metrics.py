@@ -18,7 +18,7 @@ from cafe_core.evaluate.choice import choice_accuracy, choice_metrics, extract_l
 from cafe_core.evaluate.gap import gap_scatter_png, modality_gap
 from cafe_core.evaluate.mmeb import hits_at_1, mmeb_summary, precision_at_1
 from cafe_core.evaluate.pope import parse_yes_no, pope_metrics, pope_summary
-from cafe_core.evaluate.retrieval import recall_at_k, retrieval_ranks, retrieval_recall
+from cafe_core.evaluate.retrieval import recall_at_k, retrieval_ranks, retrieval_recall, unit_rows
 from cafe_core.evaluate.sets import MmebDataset
 
 
@@ -50,31 +50,61 @@ def test_retrieval_ranks_by_hand():
     # c0: own i0 .985 highest -> 1; c1: own i0 .174, i1 .985 and i2 .819 are >= -> 3
     # c2: own i1 .866, i2 .966 higher -> 2; c3: own i2 -.574, i1 .174 higher -> 2
     assert ranks.t2i.tolist() == [1, 3, 2, 2]
+    # no ties: both rules agree
+    assert ranks.i2t_strict.tolist() == [1, 2, 4] and ranks.t2i_strict.tolist() == [1, 3, 2, 2]
 
 
 def test_retrieval_recall_by_hand_and_k_clamps():
     got = retrieval_recall(IMAGES, CAPTIONS, CAPTION_IMAGE, ks=(1, 2, 3, 4, 10))
     # i2t ranks 1, 2, 4 of 3 images; t2i ranks 1, 3, 2, 2 of 4 captions
-    assert got == pytest.approx({
+    expected = {
         "i2t_R@1": 1 / 3, "i2t_R@2": 2 / 3, "i2t_R@3": 2 / 3, "i2t_R@4": 1.0, "i2t_R@10": 1.0,
         "t2i_R@1": 1 / 4, "t2i_R@2": 3 / 4, "t2i_R@3": 1.0, "t2i_R@4": 1.0, "t2i_R@10": 1.0,
-    })
+    }
+    assert got == pytest.approx({**expected, **{f"{k}_strict": v for k, v in expected.items()}})  # no ties here
     assert all(type(v) is float for v in got.values())
     assert list(retrieval_recall(IMAGES, CAPTIONS, CAPTION_IMAGE)) == [
-        "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"]
+        "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
+        "i2t_R@1_strict", "i2t_R@5_strict", "i2t_R@10_strict", "t2i_R@1_strict", "t2i_R@5_strict", "t2i_R@10_strict"]
 
 
-def test_retrieval_ties_count_against_and_collapsed_model_scores_zero():
-    # Every embedding equal: all scores tie. 2 images x 2 captions each.
-    # i2t: 2 wrong captions tie with the best own caption -> rank 3; t2i: 1 wrong image ties -> rank 2.
+def test_retrieval_ties_strict_against_and_by_index_order():
+    # Every embedding equal: all scores tie. 2 images x 2 captions each (c0, c1 of i0; c2, c3 of i1).
+    # Strict: 2 wrong captions tie with the best own caption -> i2t rank 3; 1 wrong image ties -> t2i rank 2.
     ones = np.ones((2, 4), dtype=np.float32)
     ranks = retrieval_ranks(ones, np.ones((4, 4), dtype=np.float32), [0, 0, 1, 1])
-    assert ranks.i2t.tolist() == [3, 3] and ranks.t2i.tolist() == [2, 2, 2, 2]
-    assert retrieval_recall(ones, np.ones((4, 4)), [0, 0, 1, 1], ks=(1, 2))["i2t_R@1"] == 0.0
+    assert ranks.i2t_strict.tolist() == [3, 3] and ranks.t2i_strict.tolist() == [2, 2, 2, 2]
+    # Index order: i0's first caption c0 comes first -> 1; i1's first own caption c2 comes after c0, c1 -> 3.
+    # c0, c1: their image i0 is first -> 1; c2, c3: i0 comes before i1 -> 2.
+    assert ranks.i2t.tolist() == [1, 3] and ranks.t2i.tolist() == [1, 1, 2, 2]
+    got = retrieval_recall(ones, np.ones((4, 4)), [0, 0, 1, 1], ks=(1, 2))
+    assert (got["i2t_R@1_strict"], got["i2t_R@1"], got["t2i_R@1"]) == (0.0, 0.5, 0.5)  # the collapsed model
     # A tie at the boundary with a wrong caption: i0 = (1, 0) scores .707 with its own c0 = (1, 1) and with
-    # c1 = (1, -1) of image 1 -> rank 2, not 1.
+    # c1 = (1, -1) of image 1 -> strict rank 2; by index order c0 comes first -> 1.
+    # i1 = (0, -1): own c1 .707, c0 -.707 -> 1 either way. t2i: c1 (1, -1) scores .707 with i0 (wrong, before
+    # its own i1) -> 2 both ways.
     ranks = retrieval_ranks([[1.0, 0.0], [0.0, -1.0]], [[1.0, 1.0], [1.0, -1.0]], [0, 1])
-    assert ranks.i2t.tolist() == [2, 1]
+    assert ranks.i2t_strict.tolist() == [2, 1] and ranks.i2t.tolist() == [1, 1]
+    assert ranks.t2i_strict.tolist() == [1, 2] and ranks.t2i.tolist() == [1, 2]
+    # The same tie with the wrong caption first: index order puts it ahead too.
+    ranks = retrieval_ranks([[1.0, 0.0], [0.0, -1.0]], [[1.0, -1.0], [1.0, 1.0]], [1, 0])
+    assert ranks.i2t.tolist() == [2, 1] and ranks.i2t_strict.tolist() == [2, 1]
+
+
+def test_retrieval_index_order_matches_a_stable_sort_on_tied_data():
+    # Embeddings on a coarse grid: many exact ties. Index order = the position in a stable descending sort.
+    rng = np.random.default_rng(1)
+    img = rng.integers(-1, 2, size=(12, 3)).astype(np.float32) + np.array([[0, 0, 3]], dtype=np.float32)
+    txt = rng.integers(-1, 2, size=(30, 3)).astype(np.float32) + np.array([[0, 0, 3]], dtype=np.float32)
+    cap = np.concatenate([np.arange(12), rng.integers(0, 12, size=18)])
+    ranks = retrieval_ranks(img, txt, cap)
+    sim = (unit_rows(img, "img") @ unit_rows(txt, "txt").T).numpy()  # the exact scores the ranks compare
+    assert (ranks.i2t_strict >= ranks.i2t).all() and (ranks.i2t_strict > ranks.i2t).any()  # the data has ties
+    for i in range(12):
+        order = np.argsort(-sim[i], kind="stable").tolist()
+        assert ranks.i2t[i] == 1 + min(order.index(j) for j in np.flatnonzero(cap == i))
+    for j in range(30):
+        assert ranks.t2i[j] == 1 + np.argsort(-sim[:, j], kind="stable").tolist().index(cap[j])
 
 
 def test_retrieval_ties_among_positives_do_not_count():
@@ -126,8 +156,13 @@ def test_precision_at_1_per_query_candidates():
         [[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]],  # scores 0, 1, 1: a negative wins -> miss
         [[1.0, 1.0], [2.0, 2.0], [1.0, 0.0]],  # scores 1, 1, .707: a tie with the positive -> miss
     ]
-    assert hits_at_1(q, np.array(c)).tolist() == [True, False, False]
-    assert precision_at_1(q, np.array(c)) == pytest.approx(1 / 3)
+    assert hits_at_1(q, np.array(c), ties="against").tolist() == [True, False, False]
+    assert precision_at_1(q, np.array(c), ties="against") == pytest.approx(1 / 3)
+    # By index order (VLM2Vec's argmax, the first maximum) the tie with the positive is a hit.
+    assert hits_at_1(q, np.array(c)).tolist() == [True, False, True]
+    assert precision_at_1(q, np.array(c)) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="ties must be"):
+        hits_at_1(q, np.array(c), ties="last")
 
 
 def test_precision_at_1_shared_pool_with_padding():

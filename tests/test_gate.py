@@ -34,6 +34,8 @@ GOOD = {
     "mmeb/overall/p@1": 0.3,
     "gap/centroid_distance": 0.8,
 }
+# An evaluation writes the strict variants beside the headline numbers (equal where nothing ties).
+GOOD.update({f"{k}_strict": v for k, v in GOOD.items() if k.startswith(("retrieval/", "mmeb/"))})
 RULES = [
     GateRule(metric="retrieval/*/i2t_R@1", min=0.10),
     GateRule(metric="pope/*/f1", min=0.5, max_drop=0.05),
@@ -186,7 +188,7 @@ def test_direction_comes_from_the_metric_table():
 def test_every_metric_an_evaluation_writes_has_a_known_direction():
     # A real evaluation's output (the committed base's card: pope, mc, caption, retrieval, gap) and MMEB's names.
     names = json.loads((Path(__file__).parents[1] / "models/shapes-base/metrics.json").read_text())["metrics"]
-    names = [*names, "mmeb/overall/p@1", "mmeb/classification/p@1", "mmeb/dataset/ShapesI2T/p@1"]
+    names = [*names, "mmeb/overall/p@1", "mmeb/classification/p@1", "mmeb/dataset/ShapesI2T/p@1", "mmeb/overall/p@1_strict"]
     assert len(names) > 100
     unknown = []
     for name in names:
@@ -235,10 +237,10 @@ def test_no_champion_skips_drop_checks_but_not_absolute_bounds():
 
 def test_production_rules_file_is_valid_and_stricter():
     rules = load_rules(Storage(), "configs/gate-production.yaml")
-    tiny_like = {**GOOD, "pope/random/yes_ratio": 0.99, "retrieval/flickr30k/i2t_R@1": 0.36,
-                 "retrieval/flickr30k/t2i_R@1": 0.28, "mc/mmstar/accuracy": 0.2}
+    tiny_like = {**GOOD, "pope/random/yes_ratio": 0.99, "retrieval/flickr30k/i2t_R@1_strict": 0.36,
+                 "retrieval/flickr30k/t2i_R@1_strict": 0.28, "mc/mmstar/accuracy": 0.2}
     failed = {v.metric for v in evaluate_rules(rules, tiny_like, None) if not v.passed}
-    assert {"retrieval/flickr30k/i2t_R@1", "pope/random/yes_ratio", "caption/classwise/f0.5"} <= failed
+    assert {"retrieval/flickr30k/i2t_R@1_strict", "pope/random/yes_ratio", "caption/classwise/f0.5"} <= failed
 
 
 def test_rules_file_errors_name_the_rule(tmp_path):
@@ -261,9 +263,13 @@ def test_shipped_gate_yaml_is_valid_and_judges():
             "mc/mmstar/accuracy": 0.47, "caption/classwise/f0.5": 0.28}
     champion = dict(good)
     assert all(v.passed for v in evaluate_rules(gate.rules, good, champion)), "the sample metrics should pass"
-    worse = {**good, "retrieval/shapes/t2i_R@1": 0.35}  # 12.5% below the champion's 0.40
+    worse = {**good, "retrieval/shapes/t2i_R@1_strict": 0.35}  # 12.5% below the champion's 0.40
     failed = [v.metric for v in evaluate_rules(gate.rules, worse, champion) if not v.passed]
-    assert failed == ["retrieval/shapes/t2i_R@1"]
+    assert failed == ["retrieval/shapes/t2i_R@1_strict"]
+    # Embeddings that tie (a collapsing model): index order still finds the right caption first, the strict
+    # variant does not, and the gate bounds the strict one.
+    tied = {**good, "retrieval/shapes/i2t_R@1": 0.50, "retrieval/shapes/i2t_R@1_strict": 0.0}
+    assert [v.metric for v in evaluate_rules(gate.rules, tied, None) if not v.passed] == ["retrieval/shapes/i2t_R@1_strict"]
     # Absolute bounds, with no champion: a yes-sayer and a model that lost its understanding fail.
     yes_sayer = {**good, "pope/adversarial/yes_ratio": 0.7}
     assert [v.metric for v in evaluate_rules(gate.rules, yes_sayer, None) if not v.passed] == ["pope/adversarial/yes_ratio"]

@@ -18,6 +18,7 @@ DIRECTIONS: tuple[tuple[str, Direction | None], ...] = (
     ("retrieval/*/i2t_R@*", "higher"),
     ("retrieval/*/t2i_R@*", "higher"),
     ("mmeb/*/p@1", "higher"),
+    ("mmeb/*/p@1_strict", "higher"),
     ("pope/*/yes_ratio", None),
     ("pope/*/accuracy", "higher"),
     ("pope/*/precision", "higher"),

@@ -1,15 +1,20 @@
 """MMEB (VLM2Vec, Jiang et al. 2024): Precision@1 per dataset, averaged per meta-task, IND, OOD and overall.
 
 Each query is scored against its own candidate list by cosine similarity (both sides L2-normalised here);
-candidate 0 is the positive. A query is a hit when candidate 0 scores strictly higher than every other
-candidate: a tie counts against it. (VLM2Vec's ``np.argmax`` picks the first maximum, so there a tie with
-candidate 0 counts as a hit and a collapsed model, all embeddings equal, scores 1.0; here it scores 0.)
+candidate 0 is the positive. Two tie rules, each under its own names:
+
+- published protocol (``p@1``, the headline): a hit when no candidate scores higher than candidate 0, as
+  VLM2Vec's ``np.argmax`` (the first maximum) decides; a tie with candidate 0 is a hit, so a collapsed model
+  (all embeddings equal) scores 1.0;
+- strict (``p@1_strict``, what the gate bounds): a hit only when candidate 0 scores strictly higher than every
+  other candidate; the collapsed model scores 0.
+
 Averages are unweighted means over datasets, as in the paper's tables.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,8 +28,10 @@ def hits_at_1(
     query_emb: np.ndarray | torch.Tensor,
     candidate_embs: np.ndarray | torch.Tensor | Sequence[np.ndarray],
     candidate_index: np.ndarray | torch.Tensor | None = None,
+    ties: Literal["first", "against"] = "first",
 ) -> torch.Tensor:
-    """Per query, whether candidate 0 wins outright (a CPU bool tensor).
+    """Per query, whether candidate 0 wins (a CPU bool tensor): ``ties="first"`` when nothing scores higher
+    (index order, the published protocol), ``"against"`` when it scores strictly highest.
 
     Either ``candidate_embs`` is (queries, candidates, dim), each query with its own candidates; or it is
     (unique candidates, dim) and ``candidate_index`` (queries, candidates) picks each query's candidates
@@ -49,7 +56,10 @@ def hits_at_1(
             raise ValueError(f"candidate_index values must lie in [0, {pool.shape[0]}) (-1 pads, never in column 0)")
         scores = (q @ pool.T).gather(1, index.clamp(min=0))
         scores = scores.masked_fill(index < 0, -torch.inf)  # padding never beats the positive
-    return (scores[:, 1:] < scores[:, :1]).all(dim=1).cpu()
+    if ties not in ("first", "against"):
+        raise ValueError(f"ties must be 'first' or 'against', got {ties!r}")
+    beaten = scores[:, 1:] >= scores[:, :1] if ties == "against" else scores[:, 1:] > scores[:, :1]
+    return (~beaten).all(dim=1).cpu()
 
 
 def _same_dim(q: torch.Tensor, c: torch.Tensor) -> None:
@@ -61,22 +71,25 @@ def precision_at_1(
     query_emb: np.ndarray | torch.Tensor,
     candidate_embs: np.ndarray | torch.Tensor | Sequence[np.ndarray],
     candidate_index: np.ndarray | torch.Tensor | None = None,
+    ties: Literal["first", "against"] = "first",
 ) -> float:
-    """Share of queries whose positive (candidate 0) scores strictly highest; arguments as ``hits_at_1``."""
-    return float(hits_at_1(query_emb, candidate_embs, candidate_index).float().mean())
+    """Share of queries whose positive (candidate 0) wins; arguments as ``hits_at_1``."""
+    return float(hits_at_1(query_emb, candidate_embs, candidate_index, ties).float().mean())
 
 
 def mmeb_summary(
-    per_dataset: Mapping[str, float], datasets: Iterable[MmebDataset] | Mapping[str, tuple[str, str]]
+    per_dataset: Mapping[str, float], datasets: Iterable[MmebDataset] | Mapping[str, tuple[str, str]],
+    metric: str = "p@1",
 ) -> dict[str, float]:
     """Stable names: ``mmeb/dataset/<Name>/p@1``, ``mmeb/<meta_task>/p@1`` (lower case), ``mmeb/ind/p@1``,
-    ``mmeb/ood/p@1``, ``mmeb/overall/p@1``. ``datasets`` gives each name's meta-task and split (the loaded
-    ``MmebDataset`` list, or name -> (meta_task, split)). A group without datasets is left out, not 0."""
+    ``mmeb/ood/p@1``, ``mmeb/overall/p@1`` (``metric`` names the last part: ``p@1_strict`` for the strict
+    rule). ``datasets`` gives each name's meta-task and split (the loaded ``MmebDataset`` list, or name ->
+    (meta_task, split)). A group without datasets is left out, not 0."""
     info = dict(datasets) if isinstance(datasets, Mapping) else {d.name: (d.meta_task, d.split) for d in datasets}
     unknown = [name for name in per_dataset if name not in info]
     if unknown:
         raise ValueError(f"no meta-task/split for MMEB dataset(s) {unknown}; pass their MmebDataset entries")
-    out = {f"mmeb/dataset/{metric_part(name)}/p@1": float(v) for name, v in per_dataset.items()}
+    out = {f"mmeb/dataset/{metric_part(name)}/{metric}": float(v) for name, v in per_dataset.items()}
     groups: dict[str, list[float]] = {}
     for name, value in per_dataset.items():
         meta_task, split = info[name]
@@ -86,5 +99,5 @@ def mmeb_summary(
             groups.setdefault(group, []).append(float(value))
     for group in (*(m.lower() for m in MMEB_META_TASKS), "ind", "ood", "overall"):
         if group in groups:
-            out[f"mmeb/{group}/p@1"] = sum(groups[group]) / len(groups[group])
+            out[f"mmeb/{group}/{metric}"] = sum(groups[group]) / len(groups[group])
     return out

@@ -4,15 +4,25 @@ Scores are cosine similarities: both sides are L2-normalised here, then one matr
 image-caption score. image->text R@K: an image is a hit when any of its captions ranks in the top K among all
 captions; text->image R@K: a caption is a hit when its image ranks in the top K among all images.
 
-Ranks, ties included, are defined by counting, not sorting, so they are deterministic:
+Ranks, ties included, are defined by counting, not sorting, so they are deterministic. Two tie rules, each
+under its own metric names:
 
-    i2t rank of image i   = 1 + #{captions of other images scoring >= the best score among i's captions}
-    t2i rank of caption j = 1 + #{other images scoring >= the score of j's own image}
+- published protocol (``i2t_R@K``, the headline): ties are broken by index order, as the public
+  implementations do (CLIP_benchmark's and CAFe's ``topk``, VLM2Vec's ``argmax`` first maximum), so a wrong
+  candidate that ties with the right one ranks ahead of it only when its index is lower. This is the number
+  to set beside a paper's;
+- strict (``i2t_R@K_strict``, what the gate bounds): a wrong candidate that ties with the right one counts
+  against it, so a collapsed model (every embedding equal) scores R@K = 0 where candidates outnumber K, not
+  about 1/K as index order gives it.
 
-A wrong candidate that ties with the right one counts against it (ranks ahead of it); the image's other
-captions never count against it. So a collapsed model (every embedding equal) scores R@K = 0 where
-candidates outnumber K, not 1 as an optimistic rule would give, which is what a promotion gate needs. With
-continuous embeddings ties have probability zero and this agrees with every sort-based implementation.
+    i2t rank of image i   = 1 + #{wrong captions scoring > b_i} + #{wrong captions scoring = b_i} [strict]
+                          = 1 + #{wrong captions scoring > b_i} + #{wrong captions scoring = b_i before p_i}
+    t2i rank of caption j = 1 + #{other images scoring > s_j} + #{other images scoring = s_j} [strict]
+                          = 1 + #{other images scoring > s_j} + #{other images scoring = s_j before its own}
+
+where b_i is the best score among image i's captions, p_i the first of them (by index) to reach it, s_j the
+score of caption j with its own image; the image's other captions never count against it. With continuous
+embeddings ties have probability zero and both rules agree with every sort-based implementation.
 R@K = mean(rank <= K); a K at or above the number of candidates gives 1.0 (K clamps to the candidates).
 
 Counting over the whole matrix (in row blocks, one comparison per score and direction) gives every item's
@@ -38,8 +48,10 @@ _BLOCK_ROWS = 256
 class RetrievalRanks:
     """1-based ranks, as defined in the module docstring: ``i2t`` per image, ``t2i`` per caption."""
 
-    i2t: np.ndarray  # int64, one per image
-    t2i: np.ndarray  # int64, one per caption
+    i2t: np.ndarray  # int64, one per image: ties broken by index order (the published protocol)
+    t2i: np.ndarray  # int64, one per caption: the same
+    i2t_strict: np.ndarray  # ties count against the model
+    t2i_strict: np.ndarray
 
 
 def unit_rows(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
@@ -76,28 +88,48 @@ def retrieval_ranks(
         raise ValueError(f"image {first} has no caption; every image needs at least one")
 
     sim = img @ txt.T  # the one similarity matrix; every comparison below reads these exact values
-    own = sim[cap, torch.arange(n_txt, device=sim.device)]  # each caption's score with its own image
+    columns = torch.arange(n_txt, device=sim.device)
+    own = sim[cap, columns]  # each caption's score with its own image
     best = torch.full((n_img,), -torch.inf, device=sim.device).scatter_reduce(0, cap, own, "amax")
     # Positives scoring >= the best positive (i.e. tying with it) are counted by the comparison but are not
-    # wrong captions: take them off again.
-    ties_at_best = torch.bincount(cap[own >= best[cap]], minlength=n_img)
-    i2t_ge = torch.empty(n_img, dtype=torch.long, device=sim.device)
-    t2i_ge = torch.zeros(n_txt, dtype=torch.long, device=sim.device)
+    # wrong captions: take them off again. The first of them is where index order puts the image's hit.
+    at_best = own >= best[cap]
+    ties_at_best = torch.bincount(cap[at_best], minlength=n_img)
+    first_best = torch.full((n_img,), n_txt, device=sim.device).scatter_reduce(0, cap[at_best], columns[at_best], "amin")
+    i2t_ge, i2t_gt = (torch.empty(n_img, dtype=torch.long, device=sim.device) for _ in range(2))
+    t2i_ge, t2i_gt = (torch.zeros(n_txt, dtype=torch.long, device=sim.device) for _ in range(2))
     for start in range(0, n_img, _BLOCK_ROWS):
-        block = sim[start:start + _BLOCK_ROWS]
+        rows = slice(start, start + _BLOCK_ROWS)
+        block = sim[rows]
         # int32 sums: about 3x faster than the default int64 accumulation of booleans
-        i2t_ge[start:start + _BLOCK_ROWS] = (block >= best[start:start + _BLOCK_ROWS, None]).sum(1, dtype=torch.int32)
+        i2t_ge[rows] = (block >= best[rows, None]).sum(1, dtype=torch.int32)
+        i2t_gt[rows] = (block > best[rows, None]).sum(1, dtype=torch.int32)
         t2i_ge += (block >= own[None, :]).sum(0, dtype=torch.int32)
-    # t2i_ge counts the caption's own image once (its score equals `own`): that is the "1 +".
-    return RetrievalRanks(i2t=(1 + i2t_ge - ties_at_best).cpu().numpy(), t2i=t2i_ge.cpu().numpy())
+        t2i_gt += (block > own[None, :]).sum(0, dtype=torch.int32)
+    # Index order needs the ties' positions, and only where a wrong candidate ties (rare with real embeddings).
+    i2t_before = torch.zeros(n_img, dtype=torch.long, device=sim.device)
+    for i in torch.nonzero(i2t_ge - i2t_gt > ties_at_best).flatten().tolist():
+        # Captions before the first best positive that tie with it are wrong ones (earlier positives score less).
+        i2t_before[i] = int((sim[i, : int(first_best[i])] == best[i]).sum())
+    t2i_before = torch.zeros(n_txt, dtype=torch.long, device=sim.device)
+    for j in torch.nonzero(t2i_ge - t2i_gt > 1).flatten().tolist():
+        t2i_before[j] = int((sim[: int(cap[j]), j] == own[j]).sum())
+    # t2i_ge counts the caption's own image once (its score equals `own`): that is the strict rank's "1 +".
+    return RetrievalRanks(
+        i2t=(1 + i2t_gt + i2t_before).cpu().numpy(), t2i=(1 + t2i_gt + t2i_before).cpu().numpy(),
+        i2t_strict=(1 + i2t_ge - ties_at_best).cpu().numpy(), t2i_strict=t2i_ge.cpu().numpy(),
+    )
 
 
 def recall_at_k(ranks: RetrievalRanks, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """``{"i2t_R@K": ..., "t2i_R@K": ...}`` for each K (the evaluation prefixes ``retrieval/<set>/``)."""
+    """``{"i2t_R@K": ..., "t2i_R@K": ...}`` for each K (ties by index order), then the same with ``_strict``
+    (ties against); the evaluation prefixes ``retrieval/<set>/``."""
     if not ks or any(int(k) < 1 for k in ks):
         raise ValueError(f"ks must be positive integers, got {list(ks)}")
-    out = {f"i2t_R@{k}": float(np.mean(ranks.i2t <= k)) for k in ks}
-    out.update({f"t2i_R@{k}": float(np.mean(ranks.t2i <= k)) for k in ks})
+    out = {}
+    for suffix, i2t, t2i in (("", ranks.i2t, ranks.t2i), ("_strict", ranks.i2t_strict, ranks.t2i_strict)):
+        out.update({f"i2t_R@{k}{suffix}": float(np.mean(i2t <= k)) for k in ks})
+        out.update({f"t2i_R@{k}{suffix}": float(np.mean(t2i <= k)) for k in ks})
     return out
 
 

@@ -82,15 +82,18 @@ def _retrieval(ctx: Context) -> FamilyResult:
         ranks = retrieval.retrieval_ranks(images, texts, rs.caption_image)
         recall = retrieval.recall_at_k(ranks)
         metrics.update({f"retrieval/{name}/{k}": v for k, v in recall.items()})
-        results += [{"set": name, "image_id": rs.image_ids[i], "i2t_rank": int(r)} for i, r in enumerate(ranks.i2t)]
+        results += [{"set": name, "image_id": rs.image_ids[i], "i2t_rank": int(r), "i2t_rank_strict": int(s)}
+                    for i, (r, s) in enumerate(zip(ranks.i2t, ranks.i2t_strict))]
         results += [{"set": name, "caption_id": rs.caption_ids[j], "caption": rs.captions[j],
-                     "image_id": rs.image_ids[int(rs.caption_image[j])], "t2i_rank": int(r)} for j, r in enumerate(ranks.t2i)]
+                     "image_id": rs.image_ids[int(rs.caption_image[j])], "t2i_rank": int(r), "t2i_rank_strict": int(s)}
+                    for j, (r, s) in enumerate(zip(ranks.t2i, ranks.t2i_strict))]
         rows.append([name, len(rs.images), len(rs.captions), *(recall[k] for k in retrieval_columns())])
     return FamilyResult(metrics, results, {}, [("Zero-shot retrieval", ["set", "images", "captions", *retrieval_columns()], rows)])
 
 
 def retrieval_columns() -> list[str]:
-    return [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    """The report's columns: R@1/5/10 both ways (ties by index order), and R@1 with ties against."""
+    return [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["i2t_R@1_strict", "t2i_R@1_strict"]
 
 
 def _mmeb(ctx: Context) -> FamilyResult:
@@ -98,7 +101,7 @@ def _mmeb(ctx: Context) -> FamilyResult:
         raise EvaluationError("family mmeb needs eval_sets.mmeb")
     emb = ctx.embeddings()
     datasets = eval_sets.load_mmeb(ctx.store, ctx.cfg.eval_sets.mmeb, ctx.cfg.eval_sets.max_items)
-    per_dataset, results, rows = {}, [], []
+    per_dataset, strict, results, rows = {}, {}, [], []
     for ds in datasets:
         queries = emb.get([f"mmeb/{ds.name}/query/{r}" for r in range(len(ds.rows))])
         n_cand = [len(row.candidates) for row in ds.rows]
@@ -106,11 +109,14 @@ def _mmeb(ctx: Context) -> FamilyResult:
             raise EvaluationError(f"MMEB dataset {ds.name}: rows have different candidate counts {sorted(set(n_cand))}")
         cands = emb.get([f"mmeb/{ds.name}/candidate/{r}/{k}" for r in range(len(ds.rows)) for k in range(n_cand[0])])
         hits = mmeb.hits_at_1(queries, cands.view(len(ds.rows), n_cand[0], -1))
-        per_dataset[ds.name] = float(hits.float().mean())
-        results += [{"dataset": ds.name, "row": r, "hit": bool(h)} for r, h in enumerate(hits.tolist())]
-        rows.append([ds.name, ds.meta_task, ds.split, len(ds.rows), per_dataset[ds.name]])
-    metrics = mmeb.mmeb_summary(per_dataset, datasets)
-    return FamilyResult(metrics, results, {}, [("MMEB-style retrieval (P@1)", ["dataset", "meta-task", "split", "rows", "p@1"], rows)])
+        strict_hits = mmeb.hits_at_1(queries, cands.view(len(ds.rows), n_cand[0], -1), ties="against")
+        per_dataset[ds.name], strict[ds.name] = float(hits.float().mean()), float(strict_hits.float().mean())
+        results += [{"dataset": ds.name, "row": r, "hit": bool(h), "hit_strict": bool(s)}
+                    for r, (h, s) in enumerate(zip(hits.tolist(), strict_hits.tolist()))]
+        rows.append([ds.name, ds.meta_task, ds.split, len(ds.rows), per_dataset[ds.name], strict[ds.name]])
+    metrics = {**mmeb.mmeb_summary(per_dataset, datasets), **mmeb.mmeb_summary(strict, datasets, "p@1_strict")}
+    return FamilyResult(metrics, results, {}, [
+        ("MMEB-style retrieval (P@1)", ["dataset", "meta-task", "split", "rows", "p@1", "p@1_strict"], rows)])
 
 
 def _gap(ctx: Context) -> FamilyResult:
