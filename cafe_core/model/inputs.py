@@ -172,9 +172,10 @@ class InputBuilder:
         return TokenSeq(expanded, targets)
 
     def prompt(self, template: str, text: str | None = None, image_tokens: Sequence[int] = ()) -> TokenSeq:
-        """An embedding prompt, tokenised as one string as the reference does (a caption ending in a word runs
-        into "Compress ..." with no separator, and BPE may merge across the seam); a text too long for
-        max_length is cut, never the instruction around it."""
+        """An embedding prompt, tokenised as one string as the reference does: the caption runs into
+        "Compress ..." with no separator, Qwen2's pre-tokenizer makes one piece of a caption's final "." (or
+        last word) and "Compress", and BPE may merge across the seam. A text too long for max_length is cut,
+        never the instruction around it (then encoded apart)."""
         rendered = embedding_prompt(self.prompts, template)
         if text is None or "{text}" not in rendered:
             return TokenSeq(self.expand_images(self.encode(rendered), image_tokens))
