@@ -14,6 +14,7 @@ from cafe_core.commit import OutputWriter, read_manifest, verify_output
 from cafe_core.config import ModelConfig, load_config
 from cafe_core.data.synth import generate
 from cafe_core.errors import BadInput
+from cafe_core.evaluate import export as export_module
 from cafe_core.evaluate.export import Embeddings, ExportError, export
 from cafe_core.model.build import build, save
 from cafe_core.stages.evaluate import evaluate
@@ -75,6 +76,14 @@ def test_export_writes_committed_shards_and_an_index_and_resumes_by_shard(world)
     again = export(cfg, store, progress=False)
     assert again.reused_shards == first.shards - 1
     torch.testing.assert_close(Embeddings(store, cfg.export.output).matrix, emb.matrix)
+
+
+def test_an_export_resumed_by_code_that_tokenises_prompts_otherwise_reuses_nothing(world, monkeypatch):
+    cfg, store = world
+    first = export(cfg, store, progress=False)
+    store.delete(f"{cfg.export.output}/_MANIFEST.json")  # interrupted
+    monkeypatch.setattr(export_module, "PROMPT_ENCODING", export_module.PROMPT_ENCODING + 1)
+    assert export(cfg, store, progress=False).reused_shards == 0 < first.shards
 
 
 def test_export_of_another_checkpoint_recomputes_and_evaluate_refuses_a_stale_export(world, tmp_path):

@@ -142,8 +142,13 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Bump when the same prompts turn into other tokens (2: a text prompt is tokenised as one string), so that
+# a resumed export never keeps shards embedded the old way.
+PROMPT_ENCODING = 2
+
+
 def prompt_digest(prompts: PromptConfig, max_length: int) -> str:
-    return _digest(prompts.model_dump(), max_length)
+    return _digest(prompts.model_dump(), max_length, PROMPT_ENCODING)
 
 
 # --- the stage ---------------------------------------------------------------------------------------
