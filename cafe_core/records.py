@@ -124,6 +124,7 @@ class MetricsFile(BaseModel):
     code_version: str
     config_digest: str
     metrics: dict[str, Any]
+    sets: dict[str, dict[str, Any]] | None = None  # set -> identity (evaluate.identity); None: an older file
 
 
 def _fmt(x: float | None, signed: bool = False) -> str:

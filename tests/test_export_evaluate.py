@@ -100,6 +100,25 @@ def test_export_of_another_checkpoint_recomputes_and_evaluate_refuses_a_stale_ex
         evaluate(mixed, store, families=["retrieval"], progress=False)
 
 
+def test_evaluate_records_the_items_it_scored_and_refuses_embeddings_of_other_items(world, tmp_path):
+    cfg, store = world
+    export(cfg, store, progress=False)
+    exported = Embeddings(store, cfg.export.output).summary["sets"]
+    assert set(exported) == {"retrieval/shapes"} | {k for k in exported if k.startswith("mmeb/")} and len(exported) > 2
+    assert exported["retrieval/shapes"]["items"] == 6 + 30 and exported["retrieval/shapes"]["max_items"] is None
+    scored = cfg.model_copy(deep=True)
+    scored.evaluate.output = str(tmp_path / "scored")
+    record = store.read_json(evaluate(scored, store, families=["retrieval", "mc"], progress=False).uri + "/metrics.json")
+    assert record["sets"]["retrieval/shapes"] == exported["retrieval/shapes"]  # the same items, the same digest
+    assert record["sets"]["mc/mmstar"]["items"] == 3
+    # The same sets cut to 4 items (eval_sets.max_items) are other items: the export does not serve them.
+    cut = scored.model_copy(deep=True)
+    cut.eval_sets.max_items = 4
+    cut.evaluate.output = str(tmp_path / "cut")
+    with pytest.raises(BadInput, match=r"other items than evaluate scores: retrieval/shapes: 24 items .*max_items 4\) vs 36"):
+        evaluate(cut, store, families=["retrieval"], progress=False)
+
+
 def test_evaluate_every_family_writes_metrics_results_and_report(world):
     cfg, store = world
     export(cfg, store, progress=False)

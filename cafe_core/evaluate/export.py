@@ -30,6 +30,7 @@ from cafe_core.commit import ManifestEntry, OutputWriter, read_manifest
 from cafe_core.config import CafeConfig, PromptConfig
 from cafe_core.errors import BadInput
 from cafe_core.evaluate import sets as eval_sets
+from cafe_core.evaluate.identity import differences, set_identity
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.joint import CafeModel
 from cafe_core.model.locate import CheckpointRef, locate, model_config_for
@@ -63,6 +64,10 @@ def retrieval_items(rs) -> list[Item]:
             + [Item(f"{name}/text/{j}", "text", name, text=c) for j, c in enumerate(rs.captions)])
 
 
+def retrieval_identity(rs, uri: str, max_items: int | None) -> dict:
+    return set_identity(rs, len(rs.images) + len(rs.captions), uri, max_items)
+
+
 def mmeb_items(ds) -> list[Item]:
     name = f"mmeb/{ds.name}"
     out = []
@@ -73,14 +78,19 @@ def mmeb_items(ds) -> list[Item]:
     return out
 
 
-def collect_items(cfg: CafeConfig, store: Storage) -> list[Item]:
-    """Every item of the configured embedding sets (retrieval and MMEB), in a stable order."""
+def collect_items(cfg: CafeConfig, store: Storage, identities: dict[str, dict] | None = None) -> list[Item]:
+    """Every item of the configured embedding sets (retrieval and MMEB), in a stable order; each set's
+    identity (`identity.set_identity`) goes into ``identities`` when given."""
     s = cfg.eval_sets
+    identities = {} if identities is None else identities
     items: list[Item] = []
     for name, uri in s.retrieval.items():
-        items += retrieval_items(eval_sets.load_retrieval(store, uri, name, s.max_items))
+        rs = eval_sets.load_retrieval(store, uri, name, s.max_items)
+        identities[f"retrieval/{name}"] = retrieval_identity(rs, uri, s.max_items)
+        items += retrieval_items(rs)
     if s.mmeb:
         for ds in eval_sets.load_mmeb(store, s.mmeb, s.max_items):
+            identities[f"mmeb/{ds.name}"] = set_identity(ds, len(ds.rows), s.mmeb, s.max_items)
             items += mmeb_items(ds)
     if not items:
         raise ExportError("nothing to export: eval_sets has no retrieval set and no mmeb folder")
@@ -170,7 +180,8 @@ def shard_name(k: int) -> str:
 def export(cfg: CafeConfig, store: Storage, progress: bool = True) -> ExportResult:
     e = cfg.export
     ref = locate(store, e.checkpoint)
-    items = collect_items(cfg, store)
+    identities: dict[str, dict] = {}
+    items = collect_items(cfg, store, identities)
     shards = [items[i:i + e.shard_size] for i in range(0, len(items), e.shard_size)]
     prompts = prompt_digest(e.prompts, e.max_length)
     out = OutputWriter(store, e.output, kind="embeddings")
@@ -212,7 +223,8 @@ def export(cfg: CafeConfig, store: Storage, progress: bool = True) -> ExportResu
     # Everything needed to re-embed an item exactly as exported (promotion checks this).
     summary = {"checkpoint": ref.uri, "checkpoint_digest": ref.digest, "items": len(items), "shards": len(shards),
                "dim": dim, "counts": counts, "prompts_digest": prompts, "prompts": e.prompts.model_dump(),
-               "max_length": e.max_length, "precision": e.precision, "eval_sets": cfg.eval_sets.model_dump()}
+               "max_length": e.max_length, "precision": e.precision, "eval_sets": cfg.eval_sets.model_dump(),
+               "sets": identities}
     out.put_json("export.json", summary)
     out.commit(meta={"items": len(items), "dim": dim, "checkpoint_digest": ref.digest})
     return ExportResult(e.output, len(items), len(shards), reused, dim)
@@ -267,6 +279,17 @@ class Embeddings:
             raise ExportError(f"{self.uri} has no embedding for {missing[0]!r} (and {len(missing) - 1} more): "
                               "the export is from other evaluation sets; run `cafe export` again")
         return self.matrix[torch.tensor([self._pos[i] for i in ids], dtype=torch.long)]
+
+    def check_set(self, key: str, identity: dict) -> None:
+        """Refuse to pair these embeddings with a set whose items differ from the ones exported."""
+        recorded = self.summary.get("sets")
+        if not isinstance(recorded, dict):
+            raise ExportError(f"{self.uri} records no evaluation-set identities (exported by an older version): run "
+                              "`cafe export` again")
+        found = differences({key: identity}, recorded)
+        if found:
+            raise ExportError(f"{self.uri} was exported from other items than evaluate scores: {found[0]}; run "
+                              "`cafe export` again with the same eval_sets")
 
     def ids(self, prefix: str) -> Iterator[str]:
         return (i for i in self.index["id"] if i.startswith(prefix))

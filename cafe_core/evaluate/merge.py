@@ -44,6 +44,7 @@ def merge(cfg: CafeConfig, store: Storage, families: list[str] | None = None) ->
     ref = locate(store, cfg.evaluate.checkpoint)
     base = cfg.evaluate.output
     metrics: dict[str, float] = {}
+    sets: dict[str, dict] = {}
     tables, images, entries = [], {}, []
     for family in families:
         prefix = join(base, family)
@@ -52,6 +53,7 @@ def merge(cfg: CafeConfig, store: Storage, families: list[str] | None = None) ->
         if part.get("checkpoint_digest") != ref.digest or part.get("run_id") != cfg.run_id:
             raise EvaluationError(f"{prefix} was computed for another checkpoint or run; run `cafe evaluate --family {family}` again")
         metrics.update(part["metrics"])
+        sets.update(part.get("sets", {}))
         tables += [(t["title"], t["header"], t["rows"]) for t in part["tables"]]
         for e in manifest.entries:
             entries.append(e.model_copy(update={"name": f"{family}/{e.name}"}))
@@ -59,7 +61,9 @@ def merge(cfg: CafeConfig, store: Storage, families: list[str] | None = None) ->
                 images[f"{family}/{e.name}"] = store.read_bytes(join(prefix, e.name))
         manifest_bytes = store.read_bytes(join(prefix, MANIFEST))
         entries.append(ManifestEntry(name=f"{family}/{MANIFEST}", size=len(manifest_bytes), sha256=sha256_bytes(manifest_bytes)))
-    record = {**header(cfg, ref), "families": families, "metrics": dict(sorted(metrics.items()))}
+    # `sets`: exactly which items each number was computed on (identity.set_identity), for the gate.
+    record = {**header(cfg, ref), "families": families, "metrics": dict(sorted(metrics.items())),
+              "sets": dict(sorted(sets.items()))}
     out = OutputWriter(store, base, kind=METRICS_KIND)
     for e in entries:
         out.add_uploaded(e)

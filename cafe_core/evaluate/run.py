@@ -13,7 +13,7 @@ Families run independently (the pipeline runs them as parallel tasks); `merge.me
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cafe_core.commit import OutputWriter
@@ -21,7 +21,8 @@ from cafe_core.config import CafeConfig
 from cafe_core.evaluate import caption as caption_metrics
 from cafe_core.evaluate import choice, gap, mmeb, pope, retrieval
 from cafe_core.evaluate import sets as eval_sets
-from cafe_core.evaluate.export import Embeddings, load_for_inference
+from cafe_core.evaluate.export import Embeddings, load_for_inference, retrieval_identity
+from cafe_core.evaluate.identity import set_identity
 from cafe_core.evaluate.generate import generate_answers
 from cafe_core.evaluate.merge import EvaluationError, header, uncommit
 from cafe_core.layout import METRICS_FILE
@@ -38,6 +39,7 @@ class FamilyResult:
     results: list[dict[str, Any]]  # raw per-item results
     files: dict[str, bytes]  # extra artifacts (plots)
     tables: list[tuple[str, list[str], list[list[Any]]]]  # report tables: title, header, rows
+    sets: dict[str, dict] = field(default_factory=dict)  # what was scored: set -> identity.set_identity
 
 
 class Context:
@@ -74,9 +76,11 @@ class Context:
 
 def _retrieval(ctx: Context) -> FamilyResult:
     emb = ctx.embeddings()
-    metrics, results, rows = {}, [], []
+    metrics, results, rows, sets = {}, [], [], {}
     for name, uri in ctx.cfg.eval_sets.retrieval.items():
         rs = eval_sets.load_retrieval(ctx.store, uri, name, ctx.cfg.eval_sets.max_items)
+        sets[f"retrieval/{name}"] = retrieval_identity(rs, uri, ctx.cfg.eval_sets.max_items)
+        emb.check_set(f"retrieval/{name}", sets[f"retrieval/{name}"])
         images = emb.get([f"retrieval/{name}/image/{i}" for i in range(len(rs.images))])
         texts = emb.get([f"retrieval/{name}/text/{j}" for j in range(len(rs.captions))])
         ranks = retrieval.retrieval_ranks(images, texts, rs.caption_image)
@@ -88,7 +92,8 @@ def _retrieval(ctx: Context) -> FamilyResult:
                      "image_id": rs.image_ids[int(rs.caption_image[j])], "t2i_rank": int(r), "t2i_rank_strict": int(s)}
                     for j, (r, s) in enumerate(zip(ranks.t2i, ranks.t2i_strict))]
         rows.append([name, len(rs.images), len(rs.captions), *(recall[k] for k in retrieval_columns())])
-    return FamilyResult(metrics, results, {}, [("Zero-shot retrieval", ["set", "images", "captions", *retrieval_columns()], rows)])
+    return FamilyResult(metrics, results, {}, [("Zero-shot retrieval", ["set", "images", "captions", *retrieval_columns()], rows)],
+                        sets)
 
 
 def retrieval_columns() -> list[str]:
@@ -101,8 +106,10 @@ def _mmeb(ctx: Context) -> FamilyResult:
         raise EvaluationError("family mmeb needs eval_sets.mmeb")
     emb = ctx.embeddings()
     datasets = eval_sets.load_mmeb(ctx.store, ctx.cfg.eval_sets.mmeb, ctx.cfg.eval_sets.max_items)
-    per_dataset, strict, results, rows = {}, {}, [], []
+    per_dataset, strict, results, rows, sets = {}, {}, [], [], {}
     for ds in datasets:
+        sets[f"mmeb/{ds.name}"] = set_identity(ds, len(ds.rows), ctx.cfg.eval_sets.mmeb, ctx.cfg.eval_sets.max_items)
+        emb.check_set(f"mmeb/{ds.name}", sets[f"mmeb/{ds.name}"])
         queries = emb.get([f"mmeb/{ds.name}/query/{r}" for r in range(len(ds.rows))])
         n_cand = [len(row.candidates) for row in ds.rows]
         if len(set(n_cand)) != 1:
@@ -116,14 +123,16 @@ def _mmeb(ctx: Context) -> FamilyResult:
         rows.append([ds.name, ds.meta_task, ds.split, len(ds.rows), per_dataset[ds.name], strict[ds.name]])
     metrics = {**mmeb.mmeb_summary(per_dataset, datasets), **mmeb.mmeb_summary(strict, datasets, "p@1_strict")}
     return FamilyResult(metrics, results, {}, [
-        ("MMEB-style retrieval (P@1)", ["dataset", "meta-task", "split", "rows", "p@1", "p@1_strict"], rows)])
+        ("MMEB-style retrieval (P@1)", ["dataset", "meta-task", "split", "rows", "p@1", "p@1_strict"], rows)], sets)
 
 
 def _gap(ctx: Context) -> FamilyResult:
     emb = ctx.embeddings()
-    metrics, files, rows = {}, {}, []
+    metrics, files, rows, sets = {}, {}, [], {}
     for n, (name, uri) in enumerate(ctx.cfg.eval_sets.retrieval.items()):
         rs = eval_sets.load_retrieval(ctx.store, uri, name, ctx.cfg.eval_sets.max_items)
+        sets[f"retrieval/{name}"] = retrieval_identity(rs, uri, ctx.cfg.eval_sets.max_items)
+        emb.check_set(f"retrieval/{name}", sets[f"retrieval/{name}"])
         first_caption = {}
         for j, i in enumerate(rs.caption_image.tolist()):
             first_caption.setdefault(i, j)
@@ -138,7 +147,7 @@ def _gap(ctx: Context) -> FamilyResult:
         rows.append([name, len(pairs), *out.values()])
     if not rows:
         raise EvaluationError("family gap needs a retrieval set in eval_sets.retrieval")
-    return FamilyResult(metrics, [], files, [("Modality gap", ["set", "pairs", *out.keys()], rows)])
+    return FamilyResult(metrics, [], files, [("Modality gap", ["set", "pairs", *out.keys()], rows)], sets)
 
 
 def _pope(ctx: Context) -> FamilyResult:
@@ -146,8 +155,9 @@ def _pope(ctx: Context) -> FamilyResult:
         raise EvaluationError("family pope needs eval_sets.pope")
     g = ctx.cfg.evaluate.generation
     splits = eval_sets.load_pope(ctx.store, ctx.cfg.eval_sets.pope, ctx.cfg.eval_sets.max_items)
-    per_split, results, rows = {}, [], []
+    per_split, results, rows, sets = {}, [], [], {}
     for split, questions in splits.items():
+        sets[f"pope/{split}"] = set_identity(questions, len(questions), ctx.cfg.eval_sets.pope, ctx.cfg.eval_sets.max_items)
         answers = ctx.generate([(q.question + g.pope_suffix, q.image) for q in questions], g.max_new_tokens, f"pope/{split}")
         predictions = [pope.parse_yes_no(a) for a in answers]
         per_split[split] = pope.pope_metrics([q.label for q in questions], predictions)
@@ -156,7 +166,7 @@ def _pope(ctx: Context) -> FamilyResult:
         rows.append([split, len(questions), *per_split[split].values()])
     metrics = pope.pope_summary(per_split)
     header = ["split", "questions", *next(iter(per_split.values())).keys()]
-    return FamilyResult(metrics, results, {}, [("POPE (object hallucination, yes = positive)", header, rows)])
+    return FamilyResult(metrics, results, {}, [("POPE (object hallucination, yes = positive)", header, rows)], sets)
 
 
 def _caption(ctx: Context) -> FamilyResult:
@@ -170,14 +180,17 @@ def _caption(ctx: Context) -> FamilyResult:
     results = [{"image": name, "description": t, "mentioned": sorted(m), "truth": sorted(truth)}
                for name, t, m, truth in zip(cs.image_names, texts, mentioned, cs.objects)]
     rows = [[k.split("/", 1)[1], v] for k, v in metrics.items() if not k.startswith("caption/class/")]
-    return FamilyResult(metrics, results, {}, [("Caption hallucination (objects mentioned vs present)", ["metric", "value"], rows)])
+    sets = {"caption": set_identity(cs, len(cs.images), ctx.cfg.eval_sets.caption, ctx.cfg.eval_sets.max_items)}
+    return FamilyResult(metrics, results, {}, [("Caption hallucination (objects mentioned vs present)", ["metric", "value"], rows)],
+                        sets)
 
 
 def _mc(ctx: Context) -> FamilyResult:
     g = ctx.cfg.evaluate.generation
-    metrics, results, rows = {}, [], []
+    metrics, results, rows, sets = {}, [], [], {}
     for name, uri in ctx.cfg.eval_sets.mc.items():
         questions = eval_sets.load_choice(ctx.store, uri, name, ctx.cfg.eval_sets.max_items)
+        sets[f"mc/{name}"] = set_identity(questions, len(questions), uri, ctx.cfg.eval_sets.max_items)
         answers = ctx.generate([(q.question + g.mc_suffix, q.image) for q in questions], g.max_new_tokens, f"mc/{name}")
         letters = [choice.extract_letter(a, q.options) for a, q in zip(answers, questions)]
         out = choice.choice_metrics(name, letters, [q.answer for q in questions], [q.category for q in questions])
@@ -185,7 +198,7 @@ def _mc(ctx: Context) -> FamilyResult:
         results += [{"set": name, "index": q.index, "answer": q.answer, "generated": a, "letter": l}
                     for q, a, l in zip(questions, answers, letters)]
         rows.append([name, len(questions), out[f"mc/{name}/accuracy"]])
-    return FamilyResult(metrics, results, {}, [("Multiple-choice understanding", ["set", "questions", "accuracy"], rows)])
+    return FamilyResult(metrics, results, {}, [("Multiple-choice understanding", ["set", "questions", "accuracy"], rows)], sets)
 
 
 FAMILY_RUNNERS: dict[str, Callable[[Context], FamilyResult]] = {
@@ -209,7 +222,7 @@ def run_family(cfg: CafeConfig, store: Storage, family: str, progress: bool = Tr
     result = FAMILY_RUNNERS[family](ctx)
     _check_numbers(family, result.metrics)
     out = OutputWriter(store, join(cfg.evaluate.output, family), kind=f"evaluation-{family}")
-    out.put_json(METRICS_FILE, {**header(cfg, ctx.ref), "family": family, "metrics": result.metrics,
+    out.put_json(METRICS_FILE, {**header(cfg, ctx.ref), "family": family, "metrics": result.metrics, "sets": result.sets,
                                 "tables": [{"title": t, "header": h, "rows": r} for t, h, r in result.tables]})
     out.put_bytes("results.jsonl", json_lines(result.results))
     for name, data in result.files.items():
