@@ -424,6 +424,9 @@ class GateRule(Strict):
     max: float | None = None
     max_drop: float | None = Field(None, ge=0)  # allowed change for the worse against the champion, absolute
     max_drop_relative: float | None = Field(None, ge=0)  # ... as a fraction of the champion's value
+    # Compare with a champion scored on other items (a re-released benchmark, another max_items): the drop
+    # checks otherwise fail closed, naming the set. The verdict's reason records the difference.
+    allow_other_sets: bool = False
 
     @model_validator(mode="after")
     def _bounds(self) -> "GateRule":

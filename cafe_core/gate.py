@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from cafe_core.commit import OutputWriter, manifest_digest
 from cafe_core.config import PROJECT_DIR, CafeConfig, GateRule
+from cafe_core.evaluate.identity import differences
 from cafe_core.layout import DECISION_FILE, WHY_FILE
 from cafe_core.records import (
     DECISION_KIND,
@@ -65,8 +66,38 @@ def _has_relative(rule: GateRule) -> bool:
     return rule.max_drop is not None or rule.max_drop_relative is not None
 
 
-def check_slice(rule: GateRule, name: str, raw: Any, champion: dict[str, Any] | None) -> Verdict:
-    """One metric value against one rule (absolute bounds, then the champion comparisons)."""
+def sets_behind(name: str, sets: dict[str, Any]) -> list[str]:
+    """The evaluation sets a metric was computed on: its own set ("retrieval/<set>/...", "mmeb/dataset/<d>/...",
+    "pope/<split>/...", "mc/<set>/...", "caption/..."; the modality gap reads the retrieval sets), or every
+    set of its family for an average ("pope/average/f1", "mmeb/overall/p@1")."""
+    parts = name.split("/")
+    family = "retrieval" if parts[0] == "gap" else parts[0]
+    if parts[0] == "mmeb" and len(parts) > 3 and parts[1] == "dataset":
+        own = f"mmeb/{parts[2]}"
+    else:
+        own = family if family == "caption" else f"{family}/{parts[1]}" if len(parts) > 2 else None
+    if own in sets:
+        return [own]
+    return sorted(k for k in sets if k == family or k.startswith(f"{family}/"))
+
+
+def comparability(name: str, sets: dict[str, Any], champion_sets: dict[str, Any] | None) -> str | None:
+    """Why a candidate's metric cannot be compared with the champion's, or None when it was scored on the very
+    same items (`identity.set_identity`)."""
+    behind = sets_behind(name, sets)
+    if not behind:
+        return f"no record of which evaluation items {name} was computed on: re-run cafe evaluate"
+    if champion_sets is None:
+        return ("the champion's metrics record no evaluation-set identities (evaluated by an older version), so "
+                "its numbers may come from other items")
+    found = differences(sets, champion_sets, behind)
+    return f"scored on other items than the champion: {'; '.join(found)}" if found else None
+
+
+def check_slice(rule: GateRule, name: str, raw: Any, champion: dict[str, Any] | None,
+                incomparable: str | None = None) -> Verdict:
+    """One metric value against one rule (absolute bounds, then the champion comparisons). `incomparable`:
+    why the champion's value of this metric comes from other items (`comparability`), if it does."""
     bounds = dict(rule=rule.metric, direction=rule.direction, min=rule.min, max=rule.max, max_drop=rule.max_drop,
                   max_drop_relative=rule.max_drop_relative)
     value = as_number(raw)
@@ -90,7 +121,13 @@ def check_slice(rule: GateRule, name: str, raw: Any, champion: dict[str, Any] | 
                          "evaluation, or remove max_drop/max_drop_relative from this rule")
         elif (champ_value := as_number(champion[name])) is None:
             fails.append(f"the champion's {name} is {champion[name]!r}, not a finite number: cannot compare")
+        elif incomparable and not rule.allow_other_sets:
+            fails.append(f"{incomparable}; re-evaluate on the champion's sets, or set allow_other_sets: true on "
+                         "this rule to compare anyway")
+            champ_value = None
         else:
+            if incomparable:
+                oks.append(f"compared although {incomparable} (allow_other_sets)")
             delta = value - champ_value
             worse = -delta if rule.direction == "higher" else delta  # > 0: the candidate is worse
             if rule.max_drop is not None:
@@ -106,12 +143,14 @@ def check_slice(rule: GateRule, name: str, raw: Any, champion: dict[str, Any] | 
                    reason="; ".join(fails or oks), **bounds)
 
 
-def evaluate_rules(rules: list[GateRule], metrics: dict[str, Any], champion: dict[str, Any] | None) -> list[Verdict]:
+def evaluate_rules(rules: list[GateRule], metrics: dict[str, Any], champion: dict[str, Any] | None,
+                   sets: dict[str, Any] | None = None, champion_sets: dict[str, Any] | None = None) -> list[Verdict]:
     """Every rule against every metric it matches; pure.
 
     A glob (fnmatch) checks each matching metric as its own slice; a rule matching nothing fails as
     missing. `champion` is the champion's metrics, or None when there is none yet (the drop checks are
-    then skipped, the absolute bounds still apply)."""
+    then skipped, the absolute bounds still apply). With `sets` (the candidate's evaluation-set identities)
+    a drop check passes only where the champion (`champion_sets`) was scored on the same items."""
     verdicts: list[Verdict] = []
     for rule in rules:
         names = _slices(rule.metric, metrics)
@@ -123,7 +162,10 @@ def evaluate_rules(rules: list[GateRule], metrics: dict[str, Any], champion: dic
                                     reason=f"missing: {what} in metrics.json; check the rule's name against "
                                            "the evaluation's metric names, or the families evaluated"))
             continue
-        verdicts.extend(check_slice(rule, name, metrics[name], champion) for name in names)
+        verdicts.extend(
+            check_slice(rule, name, metrics[name], champion,
+                        comparability(name, sets, champion_sets) if sets is not None and champion is not None else None)
+            for name in names)
     return verdicts
 
 
@@ -200,15 +242,16 @@ def decide(cfg: CafeConfig, store: Storage, champion: Champion) -> Decision:
 
     champ_ref: ChampionRef | None = None
     champ_metrics: dict[str, Any] | None = None
+    champ_sets: dict[str, Any] | None = None
     champ_error: str | None = None
     if isinstance(champion, ChampionUnreadable):
         champ_error = champion.error
         reasons.append(f"champion unreadable: {champion.error}; repair the registry or roll back before gating")
     elif champion is not None:
         champ_ref = ChampionRef(version=champion.version, model_uri=champion.model_uri)
-        champ_metrics = champion.metrics
+        champ_metrics, champ_sets = champion.metrics, champion.sets
 
-    verdicts = evaluate_rules(rules, metrics, champ_metrics) if metrics is not None else []
+    verdicts = evaluate_rules(rules, metrics, champ_metrics, mf.sets or {}, champ_sets) if metrics is not None else []
     if champ_error is not None:
         # Evaluated as "no champion", which would wrongly skip the drop checks: they cannot pass.
         impossible = "champion unreadable, drop checks impossible"

@@ -155,6 +155,7 @@ class ChampionInfo:
     metrics: dict[str, Any]  # the metrics it was promoted with
     checkpoint_digest: str
     decision_uri: str
+    sets: dict[str, Any] | None = None  # the evaluation-set identities it was scored on; None: not recorded
 
 
 @dataclass(frozen=True)

@@ -250,7 +250,8 @@ def champion(cfg: CafeConfig, store: Storage) -> ChampionInfo | None:
         raise RegistryError(f"champion {aliases.champion} ({prefix}): decision record or metrics unreadable: {e}; "
                             "roll back (cafe rollback) or repair the version") from None
     return ChampionInfo(version=rec.version, model_uri=join(prefix, CHECKPOINT_DIR), metrics=metrics.metrics,
-                        checkpoint_digest=rec.checkpoint_digest, decision_uri=join(prefix, DECISION_FILE))
+                        checkpoint_digest=rec.checkpoint_digest, decision_uri=join(prefix, DECISION_FILE),
+                        sets=metrics.sets)
 
 
 def champion_metrics(cfg: CafeConfig, store: Storage) -> ChampionInfo | ChampionUnreadable | None:

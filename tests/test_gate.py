@@ -12,7 +12,7 @@ import pytest
 from cafe_core.commit import MANIFEST, OutputWriter, manifest_digest, read_manifest
 from cafe_core.config import CafeConfig, GateConfig, GateRule, load_config
 from cafe_core.evaluate.directions import UnknownDirection, direction_of
-from cafe_core.gate import decide, evaluate_rules, load_rules, write_decision
+from cafe_core.gate import decide, evaluate_rules, load_rules, sets_behind, write_decision
 from cafe_core.records import ChampionInfo, ChampionUnreadable, Decision, read_decision
 from cafe_core.registry import champion_metrics
 from cafe_core.storage import NotCommittedError, Storage
@@ -36,6 +36,9 @@ GOOD = {
 }
 # An evaluation writes the strict variants beside the headline numbers (equal where nothing ties).
 GOOD.update({f"{k}_strict": v for k, v in GOOD.items() if k.startswith(("retrieval/", "mmeb/"))})
+# What GOOD was scored on (evaluate.identity.set_identity per set), as metrics.json records it.
+SETS = {key: {"digest": f"sha-of-{key}", "items": 10, "uri": f"s3://sets/{key}", "max_items": None}
+        for key in ("retrieval/shapes", "pope/random", "pope/popular", "caption", "mmeb/ShapesI2T", "mc/mmstar")}
 RULES = [
     GateRule(metric="retrieval/*/i2t_R@1", min=0.10),
     GateRule(metric="pope/*/f1", min=0.5, max_drop=0.05),
@@ -53,12 +56,13 @@ def make_model(store: Storage, uri: str, weights: bytes = b"weights-1") -> str:
     return manifest_digest(store, uri)
 
 
-def make_metrics(store: Storage, prefix: str, *, run_id: str, digest: str | None, metrics: dict, checkpoint: str = "") -> str:
+def make_metrics(store: Storage, prefix: str, *, run_id: str, digest: str | None, metrics: dict, checkpoint: str = "",
+                 sets: dict | None = SETS) -> str:
     """A committed `cafe evaluate` output holding metrics.json (NaN written as json.dumps writes it)."""
     out = OutputWriter(store, prefix, kind="evaluation")
     body = {"run_id": run_id, "checkpoint": checkpoint, "checkpoint_digest": digest,
             "created": "2026-11-22T10:00:00+00:00", "code_version": "git:test", "config_digest": "c0ffee",
-            "metrics": metrics}
+            "metrics": metrics, **({} if sets is None else {"sets": sets})}
     uri = out.put_bytes("metrics.json", json.dumps(body, indent=2).encode())
     out.commit()
     return uri
@@ -214,6 +218,54 @@ def test_rules_without_a_known_direction_are_refused(rule, message):
 def test_a_stated_direction_serves_names_the_table_does_not_know():
     assert GateRule(metric="my/custom_loss", direction="lower", max_drop=0.1).direction == "lower"
     assert GateRule(metric="my/custom_score", min=0.5).direction is None  # absolute bounds need no direction
+
+
+@pytest.mark.parametrize("name, behind", [
+    ("retrieval/shapes/i2t_R@1_strict", ["retrieval/shapes"]),
+    ("gap/shapes/centroid_distance", ["retrieval/shapes"]), ("gap/centroid_distance", ["retrieval/shapes"]),
+    ("pope/random/f1", ["pope/random"]), ("pope/average/f1", ["pope/popular", "pope/random"]),
+    ("mmeb/dataset/ShapesI2T/p@1", ["mmeb/ShapesI2T"]), ("mmeb/overall/p@1_strict", ["mmeb/ShapesI2T"]),
+    ("mc/mmstar/coarse_perception/accuracy", ["mc/mmstar"]), ("caption/classwise/f0.5", ["caption"]),
+    ("my/custom", []),
+])
+def test_sets_behind_a_metric(name, behind):
+    assert sets_behind(name, SETS) == behind
+
+
+def test_drop_checks_need_the_champion_scored_on_the_same_items():
+    rule = GateRule(metric="pope/*/f1", min=0.5, max_drop=0.05)
+    ok = evaluate_rules([rule], GOOD, GOOD, SETS, SETS)
+    assert all(v.passed for v in ok) and all("vs champion" in v.reason for v in ok)
+    # The champion's random split had other questions (say max_items cut it): that slice fails, naming the set.
+    other = {**SETS, "pope/random": {**SETS["pope/random"], "digest": "sha-of-fewer", "items": 4, "max_items": 4}}
+    popular, random = evaluate_rules([rule], GOOD, GOOD, SETS, other)  # slices in name order
+    assert not random.passed and random.champion is None and "scored on other items than the champion: " \
+        "pope/random: 10 items" in random.reason and "vs 4 items" in random.reason and "allow_other_sets" in random.reason
+    assert popular.passed
+    # Absolute bounds need no champion, so no comparable one either.
+    assert all(v.passed for v in evaluate_rules([GateRule(metric="pope/*/f1", min=0.5)], GOOD, GOOD, SETS, other))
+    # A champion evaluated before sets were recorded: every drop check fails closed.
+    old = evaluate_rules([rule], GOOD, GOOD, SETS, None)
+    assert not any(v.passed for v in old) and all("record no evaluation-set identities" in v.reason for v in old)
+    # Unless the rule says to compare anyway; the reason keeps the difference.
+    lax = GateRule(metric="pope/*/f1", min=0.5, max_drop=0.05, allow_other_sets=True)
+    _, random = evaluate_rules([lax], GOOD, GOOD, SETS, other)
+    assert random.passed and "compared although scored on other items" in random.reason
+    # A candidate metric with no set behind it cannot be vouched for.
+    (custom,) = evaluate_rules([GateRule(metric="my/custom", direction="higher", max_drop=0.1)],
+                               {"my/custom": 1.0}, {"my/custom": 1.0}, SETS, SETS)
+    assert not custom.passed and "no record of which evaluation items my/custom" in custom.reason
+
+
+def test_gate_fails_a_candidate_scored_on_other_items_than_the_champion(tmp_path):
+    store, root = Storage(), str(tmp_path)
+    cfg = make_candidate(store, root, "r1")
+    champ = ChampionInfo(version="v7", model_uri="s3://reg/cafe/versions/v7/checkpoint", metrics=dict(GOOD),
+                         checkpoint_digest="d" * 64, decision_uri="s3://reg/cafe/versions/v7/decision.json",
+                         sets={**SETS, "pope/popular": {**SETS["pope/popular"], "digest": "sha-of-v2-release"}})
+    d = decide(cfg, store, champ)
+    assert d.decision == "FAIL" and d.reasons == ["1 of 5 checks failed: pope/popular/f1"]
+    assert "pope/popular: 10 items" in next(v.reason for v in d.verdicts if not v.passed)
 
 
 def test_champion_lacking_the_metric_fails():
@@ -412,7 +464,7 @@ def test_champion_is_the_callers_argument(tmp_path):
     store, root = Storage(), str(tmp_path)
     cfg = make_candidate(store, root, "r1", {**GOOD, "pope/random/f1": 0.60})
     champ = ChampionInfo(version="v7", model_uri="s3://reg/cafe/versions/v7/checkpoint", metrics=dict(GOOD),
-                         checkpoint_digest="d" * 64, decision_uri="s3://reg/cafe/versions/v7/decision.json")
+                         checkpoint_digest="d" * 64, decision_uri="s3://reg/cafe/versions/v7/decision.json", sets=SETS)
     d = decide(cfg, store, champ)
     assert d.decision == "FAIL" and d.champion.version == "v7" and d.champion.model_uri == champ.model_uri
     (bad,) = [v for v in d.verdicts if not v.passed]
