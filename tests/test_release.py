@@ -20,7 +20,7 @@ from cafe_core.stages.release import promote, request_promotion, verify_release
 from cafe_core.storage import Storage
 from cafe_core.uris import join
 from tests.test_ci_trigger import FakeGitHub
-from tests.test_gate import GOOD, make_cfg, make_model
+from tests.test_gate import GOOD, SETS, make_cfg, make_model
 
 GPU_MEASURE = Measurement([ParityItem(id="retrieval/shapes/image/0", deviation=2e-4),
                            ParityItem(id="retrieval/shapes/text/0", deviation=1e-4)],
@@ -36,7 +36,7 @@ def gate_with_export(store: Storage, root: str, run_id: str, metrics: dict | Non
     out.put_bytes("metrics.json", json.dumps({
         "run_id": run_id, "checkpoint": cfg.gate.checkpoint, "checkpoint_digest": digest,
         "created": "2026-11-22T10:00:00+00:00", "code_version": "git:test", "config_digest": "c0ffee",
-        "embeddings": cfg.export.output, "metrics": GOOD if metrics is None else metrics}).encode())
+        "embeddings": cfg.export.output, "metrics": GOOD if metrics is None else metrics, "sets": SETS}).encode())
     out.commit()
     uri = write_decision(store, cfg, decide(cfg, store, champion_metrics(cfg, store)))
     cfg.promote.decision = uri
@@ -266,7 +266,8 @@ def test_verify_release_measures_the_real_model_and_promote_accepts_it(tmp_path,
     out.put_bytes("metrics.json", json.dumps({
         "run_id": cfg.run_id, "checkpoint": cfg.gate.checkpoint,
         "checkpoint_digest": parity.manifest_digest(store, cfg.gate.checkpoint), "created": "2026-11-22T10:00:00Z",
-        "code_version": "git:test", "config_digest": "c0", "embeddings": cfg.export.output, "metrics": GOOD}).encode())
+        "code_version": "git:test", "config_digest": "c0", "embeddings": cfg.export.output, "metrics": GOOD,
+        "sets": SETS}).encode())
     out.commit()
     cfg.promote.decision = write_decision(store, cfg, decide(cfg, store, champion_metrics(cfg, store)))
 
