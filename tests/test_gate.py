@@ -312,7 +312,7 @@ def test_shipped_gate_yaml_is_valid_and_judges():
     # A model like the default run's CAFe model: it retrieves and still answers.
     good = {**GOOD, **{f"pope/{s}/{m}": v for s in ("random", "popular", "adversarial")
                        for m, v in (("accuracy", 0.80), ("f1", 0.80), ("yes_ratio", 0.55))},
-            "mc/mmstar/accuracy": 0.47, "caption/classwise/f0.5": 0.28}
+            "mc/mmstar/accuracy": 0.54, "caption/classwise/f0.5": 0.25}
     champion = dict(good)
     assert all(v.passed for v in evaluate_rules(gate.rules, good, champion)), "the sample metrics should pass"
     worse = {**good, "retrieval/shapes/t2i_R@1_strict": 0.35}  # 12.5% below the champion's 0.40
@@ -323,7 +323,7 @@ def test_shipped_gate_yaml_is_valid_and_judges():
     tied = {**good, "retrieval/shapes/i2t_R@1": 0.50, "retrieval/shapes/i2t_R@1_strict": 0.0}
     assert [v.metric for v in evaluate_rules(gate.rules, tied, None) if not v.passed] == ["retrieval/shapes/i2t_R@1_strict"]
     # Absolute bounds, with no champion: a yes-sayer and a model that lost its understanding fail.
-    yes_sayer = {**good, "pope/adversarial/yes_ratio": 0.7}
+    yes_sayer = {**good, "pope/adversarial/yes_ratio": 0.75}
     assert [v.metric for v in evaluate_rules(gate.rules, yes_sayer, None) if not v.passed] == ["pope/adversarial/yes_ratio"]
     lost = {**good, "mc/mmstar/accuracy": 0.27, "caption/classwise/f0.5": 0.03, "pope/adversarial/accuracy": 0.61}
     assert sorted(v.metric for v in evaluate_rules(gate.rules, lost, None) if not v.passed) == [
