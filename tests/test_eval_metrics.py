@@ -16,7 +16,7 @@ from cafe_core.data.synth import vocabulary
 from cafe_core.evaluate.caption import caption_metrics, objects_mentioned, plural
 from cafe_core.evaluate.choice import choice_accuracy, choice_metrics, extract_letter, metric_part
 from cafe_core.evaluate.gap import gap_scatter_png, modality_gap
-from cafe_core.evaluate.mmeb import hits_at_1, mmeb_summary, precision_at_1
+from cafe_core.evaluate.mmeb import candidate_scores, hits_at_1, mmeb_summary, precision_at_1, wins
 from cafe_core.evaluate.pope import parse_yes_no, pope_metrics, pope_summary
 from cafe_core.evaluate.retrieval import recall_at_k, retrieval_ranks, retrieval_recall, unit_rows
 from cafe_core.evaluate.sets import MmebDataset
@@ -163,6 +163,10 @@ def test_precision_at_1_per_query_candidates():
     assert precision_at_1(q, np.array(c)) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="ties must be"):
         hits_at_1(q, np.array(c), ties="last")
+    # One score matrix serves both rules.
+    scores = candidate_scores(q, np.array(c))
+    torch.testing.assert_close(scores, torch.tensor([[1, 0, -1], [0, 1, 1], [1, 1, 2 ** -0.5]]))
+    assert wins(scores, "first").tolist() == [True, False, True] and wins(scores, "against").tolist() == [True, False, False]
 
 
 def test_precision_at_1_shared_pool_with_padding():

@@ -117,6 +117,11 @@ def test_evaluate_records_the_items_it_scored_and_refuses_embeddings_of_other_it
     cut.evaluate.output = str(tmp_path / "cut")
     with pytest.raises(BadInput, match=r"other items than evaluate scores: retrieval/shapes: 24 items .*max_items 4\) vs 36"):
         evaluate(cut, store, families=["retrieval"], progress=False)
+    # An export written before identities were recorded vouches for nothing: refused, with the fix.
+    older = Embeddings(store, cfg.export.output)
+    del older.summary["sets"]
+    with pytest.raises(ExportError, match="records no evaluation-set identities .* run `cafe export` again"):
+        older.check_set("retrieval/shapes", exported["retrieval/shapes"])
 
 
 def test_evaluate_every_family_writes_metrics_results_and_report(world):

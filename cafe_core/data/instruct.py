@@ -7,8 +7,8 @@ the evaluation asks it: presence questions with POPE's short-answer instruction 
 absent objects drawn as POPE draws them: at random, by popularity, and sharing a colour or a shape with an
 object in the image), MMStar-style multiple choice on count, colour, shape and position (letters balanced),
 grounding ("Where is the red star?") and binding ("What colour is the star?"). Questions are shuffled within
-a row, so each kind is also asked first, as evaluation asks it. No row holds a description and questions together: a description in the
-context would answer the questions without looking at the image.
+a row, so each kind is also asked first, as evaluation asks it. No row holds a description and questions
+together: a description in the context would answer the questions without looking at the image.
 """
 
 from __future__ import annotations

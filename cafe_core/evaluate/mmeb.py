@@ -31,12 +31,22 @@ def hits_at_1(
     ties: Literal["first", "against"] = "first",
 ) -> torch.Tensor:
     """Per query, whether candidate 0 wins (a CPU bool tensor): ``ties="first"`` when nothing scores higher
-    (index order, the published protocol), ``"against"`` when it scores strictly highest.
+    (index order, the published protocol), ``"against"`` when it scores strictly highest. Arguments as
+    ``candidate_scores``."""
+    return wins(candidate_scores(query_emb, candidate_embs, candidate_index), ties)
+
+
+def candidate_scores(
+    query_emb: np.ndarray | torch.Tensor,
+    candidate_embs: np.ndarray | torch.Tensor | Sequence[np.ndarray],
+    candidate_index: np.ndarray | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(queries, candidates) cosine scores, candidate 0 first.
 
     Either ``candidate_embs`` is (queries, candidates, dim), each query with its own candidates; or it is
     (unique candidates, dim) and ``candidate_index`` (queries, candidates) picks each query's candidates
     from it, -1 padding lists shorter than the longest (MMEB shares candidates between queries, so each is
-    embedded once)."""
+    embedded once; padding scores -inf and never beats the positive)."""
     q = unit_rows(query_emb, "query_emb")
     if candidate_index is None:
         cand = torch.as_tensor(np.stack(candidate_embs) if isinstance(candidate_embs, list) else candidate_embs)
@@ -45,17 +55,20 @@ def hits_at_1(
         flat = unit_rows(cand.reshape(-1, cand.shape[-1]), "candidate_embs")
         _same_dim(q, flat)
         cand = flat.reshape(cand.shape).to(q.device)
-        scores = torch.einsum("nd,ncd->nc", q, cand)
-    else:
-        pool = unit_rows(candidate_embs, "candidate_embs").to(q.device)
-        _same_dim(q, pool)
-        index = torch.as_tensor(np.asarray(candidate_index), dtype=torch.long, device=q.device)
-        if index.ndim != 2 or index.shape[0] != q.shape[0] or index.shape[1] == 0:
-            raise ValueError(f"candidate_index must be (queries={q.shape[0]}, candidates>=1), got {tuple(index.shape)}")
-        if (index[:, 0] < 0).any() or index.max() >= pool.shape[0] or index.min() < -1:
-            raise ValueError(f"candidate_index values must lie in [0, {pool.shape[0]}) (-1 pads, never in column 0)")
-        scores = (q @ pool.T).gather(1, index.clamp(min=0))
-        scores = scores.masked_fill(index < 0, -torch.inf)  # padding never beats the positive
+        return torch.einsum("nd,ncd->nc", q, cand)
+    pool = unit_rows(candidate_embs, "candidate_embs").to(q.device)
+    _same_dim(q, pool)
+    index = torch.as_tensor(np.asarray(candidate_index), dtype=torch.long, device=q.device)
+    if index.ndim != 2 or index.shape[0] != q.shape[0] or index.shape[1] == 0:
+        raise ValueError(f"candidate_index must be (queries={q.shape[0]}, candidates>=1), got {tuple(index.shape)}")
+    if (index[:, 0] < 0).any() or index.max() >= pool.shape[0] or index.min() < -1:
+        raise ValueError(f"candidate_index values must lie in [0, {pool.shape[0]}) (-1 pads, never in column 0)")
+    scores = (q @ pool.T).gather(1, index.clamp(min=0))
+    return scores.masked_fill(index < 0, -torch.inf)
+
+
+def wins(scores: torch.Tensor, ties: Literal["first", "against"] = "first") -> torch.Tensor:
+    """Per row of ``candidate_scores``, whether candidate 0 wins under the tie rule (see ``hits_at_1``)."""
     if ties not in ("first", "against"):
         raise ValueError(f"ties must be 'first' or 'against', got {ties!r}")
     beaten = scores[:, 1:] >= scores[:, :1] if ties == "against" else scores[:, 1:] > scores[:, :1]

@@ -62,6 +62,14 @@ class Context:
             self._embeddings = emb
         return self._embeddings
 
+    def embedded_set(self, key: str, identity: dict, sets: dict[str, dict]) -> Embeddings:
+        """The export's embeddings, after checking they were made from exactly these items; records the
+        set's identity in ``sets``."""
+        emb = self.embeddings()
+        emb.check_set(key, identity)
+        sets[key] = identity
+        return emb
+
     def generate(self, items: list[tuple[str, bytes]], max_new_tokens: int, desc: str) -> list[str]:
         if self._model is None:
             model, processor, _ = load_for_inference(self.cfg, self.store, self.ref)
@@ -75,12 +83,10 @@ class Context:
 
 
 def _retrieval(ctx: Context) -> FamilyResult:
-    emb = ctx.embeddings()
     metrics, results, rows, sets = {}, [], [], {}
     for name, uri in ctx.cfg.eval_sets.retrieval.items():
         rs = eval_sets.load_retrieval(ctx.store, uri, name, ctx.cfg.eval_sets.max_items)
-        sets[f"retrieval/{name}"] = retrieval_identity(rs, uri, ctx.cfg.eval_sets.max_items)
-        emb.check_set(f"retrieval/{name}", sets[f"retrieval/{name}"])
+        emb = ctx.embedded_set(f"retrieval/{name}", retrieval_identity(rs, uri, ctx.cfg.eval_sets.max_items), sets)
         images = emb.get([f"retrieval/{name}/image/{i}" for i in range(len(rs.images))])
         texts = emb.get([f"retrieval/{name}/text/{j}" for j in range(len(rs.captions))])
         ranks = retrieval.retrieval_ranks(images, texts, rs.caption_image)
@@ -104,19 +110,18 @@ def retrieval_columns() -> list[str]:
 def _mmeb(ctx: Context) -> FamilyResult:
     if not ctx.cfg.eval_sets.mmeb:
         raise EvaluationError("family mmeb needs eval_sets.mmeb")
-    emb = ctx.embeddings()
     datasets = eval_sets.load_mmeb(ctx.store, ctx.cfg.eval_sets.mmeb, ctx.cfg.eval_sets.max_items)
     per_dataset, strict, results, rows, sets = {}, {}, [], [], {}
     for ds in datasets:
-        sets[f"mmeb/{ds.name}"] = set_identity(ds, len(ds.rows), ctx.cfg.eval_sets.mmeb, ctx.cfg.eval_sets.max_items)
-        emb.check_set(f"mmeb/{ds.name}", sets[f"mmeb/{ds.name}"])
+        identity = set_identity(ds, len(ds.rows), ctx.cfg.eval_sets.mmeb, ctx.cfg.eval_sets.max_items)
+        emb = ctx.embedded_set(f"mmeb/{ds.name}", identity, sets)
         queries = emb.get([f"mmeb/{ds.name}/query/{r}" for r in range(len(ds.rows))])
         n_cand = [len(row.candidates) for row in ds.rows]
         if len(set(n_cand)) != 1:
             raise EvaluationError(f"MMEB dataset {ds.name}: rows have different candidate counts {sorted(set(n_cand))}")
         cands = emb.get([f"mmeb/{ds.name}/candidate/{r}/{k}" for r in range(len(ds.rows)) for k in range(n_cand[0])])
-        hits = mmeb.hits_at_1(queries, cands.view(len(ds.rows), n_cand[0], -1))
-        strict_hits = mmeb.hits_at_1(queries, cands.view(len(ds.rows), n_cand[0], -1), ties="against")
+        scores = mmeb.candidate_scores(queries, cands.view(len(ds.rows), n_cand[0], -1))
+        hits, strict_hits = mmeb.wins(scores, "first"), mmeb.wins(scores, "against")
         per_dataset[ds.name], strict[ds.name] = float(hits.float().mean()), float(strict_hits.float().mean())
         results += [{"dataset": ds.name, "row": r, "hit": bool(h), "hit_strict": bool(s)}
                     for r, (h, s) in enumerate(zip(hits.tolist(), strict_hits.tolist()))]
@@ -127,12 +132,10 @@ def _mmeb(ctx: Context) -> FamilyResult:
 
 
 def _gap(ctx: Context) -> FamilyResult:
-    emb = ctx.embeddings()
     metrics, files, rows, sets = {}, {}, [], {}
     for n, (name, uri) in enumerate(ctx.cfg.eval_sets.retrieval.items()):
         rs = eval_sets.load_retrieval(ctx.store, uri, name, ctx.cfg.eval_sets.max_items)
-        sets[f"retrieval/{name}"] = retrieval_identity(rs, uri, ctx.cfg.eval_sets.max_items)
-        emb.check_set(f"retrieval/{name}", sets[f"retrieval/{name}"])
+        emb = ctx.embedded_set(f"retrieval/{name}", retrieval_identity(rs, uri, ctx.cfg.eval_sets.max_items), sets)
         first_caption = {}
         for j, i in enumerate(rs.caption_image.tolist()):
             first_caption.setdefault(i, j)
