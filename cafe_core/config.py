@@ -411,6 +411,10 @@ class EvaluateConfig(Strict):
     families: list[Family] = Field(default_factory=lambda: list(FAMILIES))
     generation: GenerationConfig = GenerationConfig()
     gap_pairs: int = Field(250, ge=2)  # pairs in the modality-gap scatter (the paper's Figure 3 uses 250)
+    # Memory of the embedding families, whatever the sets' size: exported shards kept in memory at once, and
+    # the candidate embeddings one MMEB scoring block holds (16,384 x dim 3,584 x 4 bytes = 235 MB).
+    embedding_cache_mb: int = Field(512, ge=1)
+    block_slots: int = Field(16384, ge=1)
 
 
 class GateRule(Strict):

@@ -15,7 +15,10 @@ from cafe_core.config import ModelConfig, load_config
 from cafe_core.data.synth import generate
 from cafe_core.errors import BadInput
 from cafe_core.evaluate import export as export_module
-from cafe_core.evaluate.export import Embeddings, ExportError, export
+from cafe_core.evaluate.export import Embeddings, ExportError, export, mmeb_layout
+from cafe_core.evaluate.sets import MmebDataset, load_mmeb
+from cafe_core.model.inputs import InputBuilder
+from cafe_core.model.locate import locate
 from cafe_core.model.build import build, save
 from cafe_core.stages.evaluate import evaluate
 from cafe_core.storage import Storage
@@ -62,9 +65,10 @@ def test_export_writes_committed_shards_and_an_index_and_resumes_by_shard(world)
     assert first.shards > 2 and first.reused_shards == 0
     assert manifest.meta["items"] == first.items and "index.parquet" in manifest.names()
     emb = Embeddings(store, cfg.export.output)
-    assert emb.matrix.shape == (first.items, first.dim)
-    torch.testing.assert_close(emb.matrix.norm(dim=-1), torch.ones(first.items))
     ids = list(emb.index["id"])
+    matrix = emb.get(ids)
+    assert matrix.shape == (first.items, first.dim)
+    torch.testing.assert_close(matrix.norm(dim=-1), torch.ones(first.items))
     assert ids[0] == "retrieval/shapes/image/0" and any(i.startswith("mmeb/") for i in ids)
     assert "retrieval/shapes/text/29" in ids  # 6 images x 5 captions, flattened
     assert set(emb.index["modality"]) == {"image", "text", "interleaved"}
@@ -75,7 +79,7 @@ def test_export_writes_committed_shards_and_an_index_and_resumes_by_shard(world)
     store.delete(f"{last}.safetensors")
     again = export(cfg, store, progress=False)
     assert again.reused_shards == first.shards - 1
-    torch.testing.assert_close(Embeddings(store, cfg.export.output).matrix, emb.matrix)
+    torch.testing.assert_close(Embeddings(store, cfg.export.output).get(ids), matrix)
 
 
 def test_an_export_resumed_by_code_that_tokenises_prompts_otherwise_reuses_nothing(world, monkeypatch):
@@ -153,3 +157,54 @@ def test_export_without_sets_is_refused(world, tmp_path):
     empty.export.output = str(tmp_path / "x")
     with pytest.raises(ExportError, match="nothing to export"):
         export(empty, store, progress=False)
+
+
+def test_mmeb_items_are_embedded_once_and_score_as_every_slot_embedded_apart(world, tmp_path):
+    cfg, store = world
+    export(cfg, store, progress=False)
+    emb = Embeddings(store, cfg.export.output)
+    datasets = load_mmeb(store, cfg.eval_sets.mmeb)
+    slots = [(ds.name, r, k, content) for ds in datasets for r, row in enumerate(ds.rows)
+             for k, content in enumerate([(row.qry_text, row.qry_image), *row.candidates])]
+    pooled = [i for i in emb.index["id"] if i.startswith("mmeb/item/")]
+    assert emb.summary["mmeb"]["slots"] == len(slots) > emb.summary["mmeb"]["items"] == len(pooled)
+    assert len(pooled) == len({content for *_, content in slots})  # forwards = distinct (text, image) pairs
+
+    # Every slot embedded on its own by the model: the same scores as evaluate's pooled, blockwise ones.
+    model, processor, device = export_module.load_for_inference(cfg, store, locate(store, cfg.export.checkpoint))
+    builder = InputBuilder(processor, cfg.export.prompts, cfg.export.max_length)
+    apart = export_module.embed_items(model, builder, [export_module.Item(f"{n}/{r}/{k}", "interleaved", "x", *c)
+                                                       for n, r, k, c in slots], 4, device)
+    scored = cfg.model_copy(deep=True)
+    scored.evaluate.output = str(tmp_path / "scored")
+    scored.evaluate.block_slots = 5  # several blocks per dataset
+    out = evaluate(scored, store, families=["mmeb"], progress=False).uri
+    results = [json.loads(line) for line in store.read_bytes(f"{out}/mmeb/results.jsonl").splitlines()]
+    at = 0
+    for ds in datasets:
+        for r, row in enumerate(ds.rows):
+            n = 1 + len(row.candidates)
+            layout = mmeb_layout(MmebDataset(ds.name, ds.meta_task, ds.split, [row]))
+            ours = (emb.get(layout.queries) @ emb.get(layout.candidates[0]).T)[0]
+            theirs = apart[at + 1: at + n] @ apart[at]
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+            hit = next(x for x in results if x["dataset"] == ds.name and x["row"] == r)
+            assert hit["hit"] == bool((ours[1:] <= ours[0]).all()) and hit["hit_strict"] == bool((ours[1:] < ours[0]).all())
+            at += n
+
+
+def test_the_shard_reader_keeps_a_bounded_cache(world):
+    cfg, store = world
+    first = export(cfg, store, progress=False)
+    full = Embeddings(store, cfg.export.output)
+    ids = list(full.index["id"])
+    reference = full.get(ids)
+    small = Embeddings(store, cfg.export.output, cache_bytes=1)  # one shard at a time
+    order = ids[::-1] + ids[::3]
+    torch.testing.assert_close(small.get(order), reference[[ids.index(i) for i in order]])
+    assert len(small._cache) == 1 and small.shard_reads >= first.shards
+    view = full.rows(ids[5:40])
+    assert len(view) == 35
+    torch.testing.assert_close(view[10:20], reference[15:25])
+    with pytest.raises(ExportError, match="has no embedding for 'retrieval/shapes/image/999'"):
+        full.rows(["retrieval/shapes/image/999"])

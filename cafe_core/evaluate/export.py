@@ -5,10 +5,18 @@ Output (one committed output, `_MANIFEST.json`):
 - `shards/shard-NNNNN.json`: what the shard holds (item-id digest, checkpoint digest, prompt digest), so an
   interrupted export resumes by shard: a shard whose description matches is kept, not recomputed;
 - `index.parquet`: id, modality (image | text | interleaved), set, shard, row;
-- `export.json`: checkpoint, its digest, counts per set and modality, dimension.
+- `export.json`: checkpoint, its digest, counts per set and modality, dimension, the sets' identities, and
+  for MMEB the candidate slots against the distinct items embedded.
 
 Item ids are stable: `retrieval/<set>/image/<i>`, `retrieval/<set>/text/<j>` (the j-th caption, flattened in
-file order), `mmeb/<dataset>/query/<row>`, `mmeb/<dataset>/candidate/<row>/<k>` (k = 0 is the positive).
+file order). MMEB items are content-addressed, `mmeb/item/<sha256 of text and image bytes>`: a query or
+candidate that occurs in many rows or datasets (MMEB's class names, its shared candidate pools) is embedded
+once, and evaluation maps each row's query and candidates to these ids (`mmeb_layout`). Both sides of an
+MMEB row go through the same interleaved prompt, so equal content means an equal embedding.
+
+Items are read one set at a time and embedded shard by shard, so memory holds one set's content, one shard and
+the index, whatever the number of sets. Under torchrun each rank embeds the shards k with k % world == rank;
+rank 0 then commits them all through the resume check (`_reusable`), which also verifies every shard.
 """
 
 from __future__ import annotations
@@ -16,9 +24,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -30,7 +41,7 @@ from cafe_core.commit import ManifestEntry, OutputWriter, read_manifest
 from cafe_core.config import CafeConfig, PromptConfig
 from cafe_core.errors import BadInput
 from cafe_core.evaluate import sets as eval_sets
-from cafe_core.evaluate.identity import differences, set_identity
+from cafe_core.evaluate.identity import content_digest, differences, set_identity
 from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.joint import CafeModel
 from cafe_core.model.locate import CheckpointRef, locate, model_config_for
@@ -68,35 +79,79 @@ def retrieval_identity(rs, uri: str, max_items: int | None) -> dict:
     return set_identity(rs, len(rs.images) + len(rs.captions), uri, max_items)
 
 
-def mmeb_items(ds) -> list[Item]:
-    name = f"mmeb/{ds.name}"
-    out = []
-    for r, row in enumerate(ds.rows):
-        out.append(Item(f"{name}/query/{r}", "interleaved", name, text=row.qry_text, image=row.qry_image))
-        out += [Item(f"{name}/candidate/{r}/{k}", "interleaved", name, text=t, image=img)
-                for k, (t, img) in enumerate(row.candidates)]
-    return out
+def mmeb_identity(ds, uri: str, max_items: int | None) -> dict:
+    return set_identity(ds, len(ds.rows), uri, max_items)
+
+
+@dataclass
+class MmebLayout:
+    """One MMEB dataset as references to content-addressed items."""
+
+    queries: list[str]  # item id of each row's query
+    candidates: list[list[str]]  # item ids of each row's candidates, the positive first
+    items: dict[str, tuple[str, bytes | None]] = field(default_factory=dict)  # distinct id -> (text, image)
+
+    @property
+    def slots(self) -> int:
+        """Queries plus candidates: what embedding every slot apart would cost."""
+        return len(self.queries) + sum(len(c) for c in self.candidates)
+
+
+def mmeb_layout(ds) -> MmebLayout:
+    image_digests: dict[bytes, str] = {}  # images repeat across rows (a shared pool): hash each once
+    items: dict[str, tuple[str, bytes | None]] = {}
+
+    def item(text: str, image: bytes | None) -> str:
+        digest = None
+        if image is not None:
+            digest = image_digests.get(image)
+            if digest is None:
+                digest = image_digests[image] = hashlib.sha256(image).hexdigest()
+        key = f"mmeb/item/{content_digest((text, digest))}"
+        items.setdefault(key, (text, image))
+        return key
+
+    queries = [item(row.qry_text, row.qry_image) for row in ds.rows]
+    candidates = [[item(t, img) for t, img in row.candidates] for row in ds.rows]
+    return MmebLayout(queries, candidates, items)
+
+
+@dataclass
+class ExportPlan:
+    """What `iter_items` found besides the items: each set's identity and MMEB's slots against items."""
+
+    identities: dict[str, dict] = field(default_factory=dict)
+    mmeb: dict[str, dict] = field(default_factory=dict)  # dataset -> rows, slots, new distinct items
+
+
+def iter_items(cfg: CafeConfig, store: Storage, plan: ExportPlan | None = None) -> Iterator[Item]:
+    """Every item of the configured embedding sets (retrieval and MMEB) in a stable order, each distinct MMEB
+    item once, reading one set at a time; ``plan`` collects the sets' identities and MMEB's counts."""
+    s = cfg.eval_sets
+    plan = ExportPlan() if plan is None else plan
+    for name, uri in s.retrieval.items():
+        rs = eval_sets.load_retrieval(store, uri, name, s.max_items)
+        plan.identities[f"retrieval/{name}"] = retrieval_identity(rs, uri, s.max_items)
+        yield from retrieval_items(rs)
+    if s.mmeb:
+        seen: set[str] = set()
+        for ds in eval_sets.iter_mmeb(store, s.mmeb, s.max_items):
+            plan.identities[f"mmeb/{ds.name}"] = mmeb_identity(ds, s.mmeb, s.max_items)
+            layout = mmeb_layout(ds)
+            new = [key for key in layout.items if key not in seen]
+            plan.mmeb[ds.name] = {"rows": len(ds.rows), "slots": layout.slots, "new_items": len(new)}
+            seen.update(new)
+            for key in new:
+                text, image = layout.items[key]
+                yield Item(key, "interleaved", "mmeb", text=text, image=image)
 
 
 def collect_items(cfg: CafeConfig, store: Storage, identities: dict[str, dict] | None = None) -> list[Item]:
-    """Every item of the configured embedding sets (retrieval and MMEB), in a stable order; each set's
-    identity (`identity.set_identity`) goes into ``identities`` when given."""
-    s = cfg.eval_sets
-    identities = {} if identities is None else identities
-    items: list[Item] = []
-    for name, uri in s.retrieval.items():
-        rs = eval_sets.load_retrieval(store, uri, name, s.max_items)
-        identities[f"retrieval/{name}"] = retrieval_identity(rs, uri, s.max_items)
-        items += retrieval_items(rs)
-    if s.mmeb:
-        for ds in eval_sets.load_mmeb(store, s.mmeb, s.max_items):
-            identities[f"mmeb/{ds.name}"] = set_identity(ds, len(ds.rows), s.mmeb, s.max_items)
-            items += mmeb_items(ds)
+    """`iter_items` as a list (small sets, tests, the parity sample)."""
+    plan = ExportPlan(identities if identities is not None else {})
+    items = list(iter_items(cfg, store, plan))
     if not items:
         raise ExportError("nothing to export: eval_sets has no retrieval set and no mmeb folder")
-    ids = [i.id for i in items]
-    if len(set(ids)) != len(ids):
-        raise ExportError("duplicate item ids: two evaluation sets share a name; rename one in eval_sets")
     return items
 
 
@@ -134,10 +189,12 @@ def embed_items(model: CafeModel, builder: InputBuilder, items: Sequence[Item], 
 
 
 def load_for_inference(cfg: CafeConfig, store: Storage, ref: CheckpointRef, precision: str = "auto", folder=None):
-    """(CafeModel in eval mode on the device, processor, device). bf16 on a GPU unless told otherwise."""
+    """(CafeModel in eval mode on the device, processor, device). bf16 on a GPU unless told otherwise. Under
+    torchrun each process takes the GPU of its local rank."""
     from cafe_core.model.build import build  # transformers: only the tasks that load a model pay for it
+    from cafe_core.train.distributed import training_device
 
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = training_device(int(os.environ.get("LOCAL_RANK", "0")))
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "bf16" and device.type != "cuda":
@@ -171,30 +228,70 @@ class ExportResult:
     shards: int
     reused_shards: int
     dim: int
+    slots: int = 0  # MMEB queries + candidates, of which `items` holds the distinct ones
 
 
 def shard_name(k: int) -> str:
     return f"shards/shard-{k:05d}"
 
 
-def export(cfg: CafeConfig, store: Storage, progress: bool = True) -> ExportResult:
+def _shards(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    shard: list[Item] = []
+    for it in items:
+        shard.append(it)
+        if len(shard) == size:
+            yield shard
+            shard = []
+    if shard:
+        yield shard
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the export's processes (torchrun), and how they meet."""
+
+    rank: int = 0
+    world: int = 1
+    barrier: Callable[[], None] = lambda: None
+    # The same token on every rank of one attempt: lets rank 0 take the shards the others have just written
+    # from a plain folder, whose files have no digest to pin a shard to (a resumed attempt recomputes them).
+    attempt: str | None = None
+
+
+def export(cfg: CafeConfig, store: Storage, progress: bool = True, ranks: Ranks = Ranks()) -> ExportResult | None:
+    """Embed and commit. With several ranks (torchrun) this process embeds the shards k with k % world ==
+    rank; after the barrier rank 0 checks and commits every shard and returns the result, the others None."""
     e = cfg.export
+    rank, world = ranks.rank, ranks.world
     ref = locate(store, e.checkpoint)
-    identities: dict[str, dict] = {}
-    items = collect_items(cfg, store, identities)
-    shards = [items[i:i + e.shard_size] for i in range(0, len(items), e.shard_size)]
+    plan = ExportPlan()
     prompts = prompt_digest(e.prompts, e.max_length)
-    out = OutputWriter(store, e.output, kind="embeddings")
+    out = OutputWriter(store, e.output, kind="embeddings") if rank == 0 else None
     model = builder = device = None
     reused, dim = 0, None
+    index: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
+    counts: dict[str, int] = {}
+    others: list[tuple[int, dict]] = []  # the shards another rank embeds: (k, description)
     existing = {o.uri: o.size for o in store.list(join(e.output, "shards"))}  # what an interrupted run left
-    for k, shard in enumerate(tqdm(shards, desc="export", unit="shard", disable=not progress)):
+    k = -1
+    for k, shard in enumerate(tqdm(_shards(iter_items(cfg, store, plan), e.shard_size), desc="export", unit="shard",
+                                   disable=not progress or rank != 0)):
+        for r, it in enumerate(shard):
+            for name, value in zip(INDEX_SCHEMA.names, (it.id, it.modality, it.set, k, r)):
+                index[name].append(value)
+            counts[f"{it.set}/{it.modality}"] = counts.get(f"{it.set}/{it.modality}", 0) + 1
         about = {"ids_sha256": _digest([it.id for it in shard]), "checkpoint_digest": ref.digest,
                  "checkpoint": ref.uri, "prompts": prompts, "rows": len(shard)}
+        if ref.digest is None and world > 1:
+            about["attempt"] = ranks.attempt
+        if k % world != rank:
+            others.append((k, about))
+            continue
         kept = _reusable(store, e.output, k, about, existing)
         if kept is not None:
-            for entry in kept:
-                out.add_uploaded(entry)
+            if out is not None:
+                for entry in kept:
+                    out.add_uploaded(entry)
             reused += 1
             continue
         if model is None:
@@ -203,38 +300,49 @@ def export(cfg: CafeConfig, store: Storage, progress: bool = True) -> ExportResu
         emb = embed_items(model, builder, shard, e.batch_size, device)
         dim = emb.shape[1]
         blob = save_safetensors({"embeddings": emb.contiguous()}, metadata={"rows": str(len(shard))})
-        out.put_bytes(f"{shard_name(k)}.safetensors", blob)
+        desc = json.dumps({**about, "size": len(blob), "sha256": sha256_bytes(blob), "dim": dim}, indent=2).encode()
         # The description is written after the shard: present means the shard before it is complete.
-        out.put_json(f"{shard_name(k)}.json", {**about, "size": len(blob), "sha256": sha256_bytes(blob), "dim": dim})
+        for name, data in ((f"{shard_name(k)}.safetensors", blob), (f"{shard_name(k)}.json", desc)):
+            if out is not None:
+                out.put_bytes(name, data)
+            else:
+                store.write_bytes(join(e.output, name), data)
+    if k < 0:
+        raise ExportError("nothing to export: eval_sets has no retrieval set and no mmeb folder")
+    ranks.barrier()  # every rank's shards are written
+    if out is None:
+        return None
+    existing = {o.uri: o.size for o in store.list(join(e.output, "shards"))}
+    for j, about in others:
+        kept = _reusable(store, e.output, j, about, existing)
+        if kept is None:
+            raise ExportError(f"shard {j} of {e.output} (rank {j % world}'s) is missing or not the one this export "
+                              "describes; run `cafe export` again (finished shards are kept)")
+        for entry in kept:
+            out.add_uploaded(entry)
     if dim is None:
         dim = int(store.read_json(join(e.output, f"{shard_name(0)}.json"))["dim"])
-    index = pa.table({
-        "id": [it.id for it in items], "modality": [it.modality for it in items], "set": [it.set for it in items],
-        "shard": [k for k, shard in enumerate(shards) for _ in shard],
-        "row": [r for shard in shards for r in range(len(shard))],
-    }, schema=INDEX_SCHEMA)
     buf = io.BytesIO()
-    pq.write_table(index, buf)
+    pq.write_table(pa.table(index, schema=INDEX_SCHEMA), buf)
     out.put_bytes("index.parquet", buf.getvalue())
-    counts: dict[str, int] = {}
-    for it in items:
-        key = f"{it.set}/{it.modality}"
-        counts[key] = counts.get(key, 0) + 1
+    slots = sum(d["slots"] for d in plan.mmeb.values())
     # Everything needed to re-embed an item exactly as exported (promotion checks this).
-    summary = {"checkpoint": ref.uri, "checkpoint_digest": ref.digest, "items": len(items), "shards": len(shards),
+    summary = {"checkpoint": ref.uri, "checkpoint_digest": ref.digest, "items": len(index["id"]), "shards": k + 1,
                "dim": dim, "counts": counts, "prompts_digest": prompts, "prompts": e.prompts.model_dump(),
                "max_length": e.max_length, "precision": e.precision, "eval_sets": cfg.eval_sets.model_dump(),
-               "sets": identities}
+               "sets": plan.identities,
+               "mmeb": {"slots": slots, "items": counts.get("mmeb/interleaved", 0), "datasets": plan.mmeb},
+               "world": world}
     out.put_json("export.json", summary)
-    out.commit(meta={"items": len(items), "dim": dim, "checkpoint_digest": ref.digest})
-    return ExportResult(e.output, len(items), len(shards), reused, dim)
+    out.commit(meta={"items": len(index["id"]), "dim": dim, "checkpoint_digest": ref.digest})
+    return ExportResult(e.output, len(index["id"]), k + 1, reused, dim, slots)
 
 
 def _reusable(store: Storage, output: str, k: int, about: dict, sizes: dict[str, int]) -> list[ManifestEntry] | None:
     """The manifest entries of shard k if an earlier attempt left it complete and it matches `about`
     (`sizes`: the objects under shards/ by URI)."""
     desc_uri = join(output, f"{shard_name(k)}.json")
-    if about["checkpoint_digest"] is None or desc_uri not in sizes:
+    if (about["checkpoint_digest"] is None and about.get("attempt") is None) or desc_uri not in sizes:
         return None  # a plain folder has no digest to pin shards to: recompute
     try:
         desc_bytes = store.read_bytes(desc_uri)
@@ -253,32 +361,61 @@ def _reusable(store: Storage, output: str, k: int, about: dict, sizes: dict[str,
 
 
 class Embeddings:
-    """A committed export: `get(ids)` returns their embeddings [n, dim] in the order asked."""
+    """A committed export: `get(ids)` returns their embeddings [n, dim] in the order asked.
 
-    def __init__(self, store: Storage, uri: str):
-        self.uri = uri
+    Shards are read when first needed and kept in a least-recently-used cache of at most ``cache_bytes``
+    (at least one shard), so memory is bounded whatever the export's size; readers that go set by set, block
+    by block (evaluation) touch each shard a few times."""
+
+    def __init__(self, store: Storage, uri: str, cache_bytes: int = 512 << 20):
+        self.store, self.uri, self.cache_bytes = store, uri, cache_bytes
         self.manifest = read_manifest(store, uri)
         self.summary = store.read_json(join(uri, "export.json"))
         self.index = pq.read_table(io.BytesIO(store.read_bytes(join(uri, "index.parquet")))).to_pydict()
         self._pos = {i: n for n, i in enumerate(self.index["id"])}
-        by_shard: dict[int, torch.Tensor] = {}
-        for k in sorted(set(self.index["shard"])):
-            by_shard[k] = load_safetensors(store.read_bytes(join(uri, f"{shard_name(k)}.safetensors")))["embeddings"]
-        self.matrix = torch.cat([by_shard[k] for k in sorted(by_shard)]) if by_shard else torch.zeros(0, 0)
+        self._shard = np.asarray(self.index["shard"], dtype=np.int64)
+        self._row = np.asarray(self.index["row"], dtype=np.int64)
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.shard_reads = 0  # how often a shard was read from the store (tests, benchmarks)
 
     @property
     def checkpoint_digest(self) -> str | None:
         return self.summary.get("checkpoint_digest")
 
+    @property
+    def dim(self) -> int:
+        return int(self.summary["dim"])
+
     def has(self, item_id: str) -> bool:
         return item_id in self._pos
+
+    def _load(self, k: int) -> torch.Tensor:
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        shard = load_safetensors(self.store.read_bytes(join(self.uri, f"{shard_name(k)}.safetensors")))["embeddings"]
+        self.shard_reads += 1
+        self._cache[k] = shard
+        while len(self._cache) > 1 and sum(t.nbytes for t in self._cache.values()) > self.cache_bytes:
+            self._cache.popitem(last=False)
+        return shard
 
     def get(self, ids: Sequence[str]) -> torch.Tensor:
         missing = [i for i in ids if i not in self._pos]
         if missing:
             raise ExportError(f"{self.uri} has no embedding for {missing[0]!r} (and {len(missing) - 1} more): "
                               "the export is from other evaluation sets; run `cafe export` again")
-        return self.matrix[torch.tensor([self._pos[i] for i in ids], dtype=torch.long)]
+        pos = np.fromiter((self._pos[i] for i in ids), dtype=np.int64, count=len(ids))
+        out = torch.empty(len(ids), self.dim)
+        shards = self._shard[pos]
+        for k in dict.fromkeys(shards.tolist()):  # in order of first use
+            sel = np.nonzero(shards == k)[0]
+            out[torch.from_numpy(sel)] = self._load(k)[torch.from_numpy(self._row[pos[sel]])]
+        return out
+
+    def rows(self, ids: Sequence[str]) -> "EmbeddingRows":
+        """A lazy view of these items' embeddings, read block by block (`retrieval.retrieval_ranks`)."""
+        return EmbeddingRows(self, list(ids))
 
     def check_set(self, key: str, identity: dict) -> None:
         """Refuse to pair these embeddings with a set whose items differ from the ones exported."""
@@ -293,3 +430,21 @@ class Embeddings:
 
     def ids(self, prefix: str) -> Iterator[str]:
         return (i for i in self.index["id"] if i.startswith(prefix))
+
+
+class EmbeddingRows:
+    """Rows of an export in a given order: ``len()`` and slices, each slice read when asked for."""
+
+    def __init__(self, emb: Embeddings, ids: list[str]):
+        missing = [i for i in ids if not emb.has(i)]
+        if missing:
+            emb.get(missing[:1])  # raises with the export's message
+        self.emb, self.ids = emb, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice):
+            raise TypeError("EmbeddingRows takes slices: rows are read block by block")
+        return self.emb.get(self.ids[rows])

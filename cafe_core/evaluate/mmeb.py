@@ -10,11 +10,15 @@ candidate 0 is the positive. Two tie rules, each under its own names:
   other candidate; the collapsed model scores 0.
 
 Averages are unweighted means over datasets, as in the paper's tables.
+
+At MMEB's size (1,000 queries with up to 1,000 candidates each) rows refer to distinct, content-addressed
+items; ``hits_in_blocks`` scores a block of queries at a time against the distinct candidates of that block
+only, so memory is bounded by the block, never by the dataset.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -73,6 +77,39 @@ def wins(scores: torch.Tensor, ties: Literal["first", "against"] = "first") -> t
         raise ValueError(f"ties must be 'first' or 'against', got {ties!r}")
     beaten = scores[:, 1:] >= scores[:, :1] if ties == "against" else scores[:, 1:] > scores[:, :1]
     return (~beaten).all(dim=1).cpu()
+
+
+def hits_in_blocks(
+    queries: Sequence[str], candidates: Sequence[Sequence[str]], fetch: Callable[[list[str]], torch.Tensor],
+    block_slots: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hits by index order, strict hits), a CPU bool tensor each, of queries given as item keys: row i's query
+    ``queries[i]`` against ``candidates[i]`` (the positive first; lists may differ in length). ``fetch(keys)``
+    returns those items' embeddings. Each block takes as many queries as fit ``block_slots`` candidate slots
+    (at least one) and fetches its distinct candidates once; each query's scores come from one product."""
+    if len(queries) != len(candidates):
+        raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
+    if block_slots < 1:
+        raise ValueError(f"block_slots must be >= 1, got {block_slots}")
+    empty = [i for i, c in enumerate(candidates) if not c]
+    if empty:
+        raise ValueError(f"query {empty[0]} has no candidates")
+    hits, strict = torch.zeros(len(queries), dtype=torch.bool), torch.zeros(len(queries), dtype=torch.bool)
+    start = 0
+    while start < len(queries):
+        stop, slots = start + 1, len(candidates[start])
+        while stop < len(queries) and slots + len(candidates[stop]) <= block_slots:
+            slots += len(candidates[stop])
+            stop += 1
+        local: dict[str, int] = {}
+        width = max(len(c) for c in candidates[start:stop])
+        index = np.full((stop - start, width), -1, dtype=np.int64)
+        for r, row in enumerate(candidates[start:stop]):
+            index[r, : len(row)] = [local.setdefault(key, len(local)) for key in row]
+        scores = candidate_scores(fetch(list(queries[start:stop])), fetch(list(local)), index)
+        hits[start:stop], strict[start:stop] = wins(scores, "first"), wins(scores, "against")
+        start = stop
+    return hits, strict
 
 
 def _same_dim(q: torch.Tensor, c: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ from cafe_core.config import CafeConfig
 from cafe_core.evaluate import caption as caption_metrics
 from cafe_core.evaluate import choice, gap, mmeb, pope, retrieval
 from cafe_core.evaluate import sets as eval_sets
-from cafe_core.evaluate.export import Embeddings, load_for_inference, retrieval_identity
+from cafe_core.evaluate.export import Embeddings, load_for_inference, mmeb_identity, mmeb_layout, retrieval_identity
 from cafe_core.evaluate.identity import set_identity
 from cafe_core.evaluate.generate import generate_answers
 from cafe_core.evaluate.merge import EvaluationError, header, uncommit
@@ -52,7 +52,7 @@ class Context:
 
     def embeddings(self) -> Embeddings:
         if self._embeddings is None:
-            emb = Embeddings(self.store, self.cfg.evaluate.embeddings)
+            emb = Embeddings(self.store, self.cfg.evaluate.embeddings, self.cfg.evaluate.embedding_cache_mb << 20)
             if emb.checkpoint_digest != self.ref.digest or emb.summary.get("checkpoint") != self.ref.uri:
                 raise EvaluationError(
                     f"the embeddings at {self.cfg.evaluate.embeddings} were exported from {emb.summary.get('checkpoint')} "
@@ -108,27 +108,24 @@ def retrieval_columns() -> list[str]:
 
 
 def _mmeb(ctx: Context) -> FamilyResult:
-    if not ctx.cfg.eval_sets.mmeb:
+    s = ctx.cfg.eval_sets
+    if not s.mmeb:
         raise EvaluationError("family mmeb needs eval_sets.mmeb")
-    datasets = eval_sets.load_mmeb(ctx.store, ctx.cfg.eval_sets.mmeb, ctx.cfg.eval_sets.max_items)
-    per_dataset, strict, results, rows, sets = {}, {}, [], [], {}
-    for ds in datasets:
-        identity = set_identity(ds, len(ds.rows), ctx.cfg.eval_sets.mmeb, ctx.cfg.eval_sets.max_items)
-        emb = ctx.embedded_set(f"mmeb/{ds.name}", identity, sets)
-        queries = emb.get([f"mmeb/{ds.name}/query/{r}" for r in range(len(ds.rows))])
-        n_cand = [len(row.candidates) for row in ds.rows]
-        if len(set(n_cand)) != 1:
-            raise EvaluationError(f"MMEB dataset {ds.name}: rows have different candidate counts {sorted(set(n_cand))}")
-        cands = emb.get([f"mmeb/{ds.name}/candidate/{r}/{k}" for r in range(len(ds.rows)) for k in range(n_cand[0])])
-        scores = mmeb.candidate_scores(queries, cands.view(len(ds.rows), n_cand[0], -1))
-        hits, strict_hits = mmeb.wins(scores, "first"), mmeb.wins(scores, "against")
+    per_dataset, strict, results, rows, sets, info = {}, {}, [], [], {}, {}
+    for ds in eval_sets.iter_mmeb(ctx.store, s.mmeb, s.max_items):  # one dataset in memory at a time
+        emb = ctx.embedded_set(f"mmeb/{ds.name}", mmeb_identity(ds, s.mmeb, s.max_items), sets)
+        layout = mmeb_layout(ds)
+        hits, strict_hits = mmeb.hits_in_blocks(layout.queries, layout.candidates, emb.get, ctx.cfg.evaluate.block_slots)
         per_dataset[ds.name], strict[ds.name] = float(hits.float().mean()), float(strict_hits.float().mean())
+        info[ds.name] = (ds.meta_task, ds.split)
         results += [{"dataset": ds.name, "row": r, "hit": bool(h), "hit_strict": bool(s)}
                     for r, (h, s) in enumerate(zip(hits.tolist(), strict_hits.tolist()))]
-        rows.append([ds.name, ds.meta_task, ds.split, len(ds.rows), per_dataset[ds.name], strict[ds.name]])
-    metrics = {**mmeb.mmeb_summary(per_dataset, datasets), **mmeb.mmeb_summary(strict, datasets, "p@1_strict")}
+        rows.append([ds.name, ds.meta_task, ds.split, len(ds.rows), len(layout.items), per_dataset[ds.name],
+                     strict[ds.name]])
+    metrics = {**mmeb.mmeb_summary(per_dataset, info), **mmeb.mmeb_summary(strict, info, "p@1_strict")}
     return FamilyResult(metrics, results, {}, [
-        ("MMEB-style retrieval (P@1)", ["dataset", "meta-task", "split", "rows", "p@1", "p@1_strict"], rows)], sets)
+        ("MMEB-style retrieval (P@1)", ["dataset", "meta-task", "split", "rows", "distinct items", "p@1", "p@1_strict"],
+         rows)], sets)
 
 
 def _gap(ctx: Context) -> FamilyResult:

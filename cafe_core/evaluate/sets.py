@@ -281,6 +281,12 @@ def _retrieval_image(store: Storage, uri: str, value: Any, where: str) -> bytes:
 
 def load_mmeb(store: Storage, uri: str, max_items: int | None = None) -> list[MmebDataset]:
     """Every dataset of an MMEB-eval folder; ``max_items`` keeps the first N rows of each."""
+    return list(iter_mmeb(store, uri, max_items))
+
+
+def iter_mmeb(store: Storage, uri: str, max_items: int | None = None) -> Iterator[MmebDataset]:
+    """The datasets of an MMEB-eval folder one at a time, each read when asked for: at MMEB's size (36
+    datasets of up to 1,000 x 1,000 candidates) only one is held in memory. The listing is checked first."""
     limit = _limited(max_items)
     base = _folder(uri)
     names = [o.uri[len(base) + 1:] for o in store.list(base)]
@@ -291,19 +297,22 @@ def load_mmeb(store: Storage, uri: str, max_items: int | None = None) -> list[Mm
         if rel.endswith(".parquet") and len(parts) >= 2 and parts[0] != "images":
             folders.setdefault(parts[0], []).append(join(base, rel))
     listing = _mmeb_listing(store, base, known, folders)
-    images: dict[str, bytes] = {}  # shared by every row and dataset: one read per image
-    datasets = []
-    for name, meta_task, split in listing:
-        rows = []
-        for file in folders[name]:
-            remaining = None if limit is None else limit - len(rows)
-            for row, rec in _parquet_rows(store, file, ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path"),
-                                          (), remaining):
-                rows.append(_mmeb_row(store, base, known, images, rec, f"{file} (dataset {name}) row {row}"))
-            if limit is not None and len(rows) >= limit:
-                break
-        datasets.append(MmebDataset(name, meta_task, split, rows))
-    return datasets
+    return (_mmeb_dataset(store, base, known, folders[name], name, meta_task, split, limit)
+            for name, meta_task, split in listing)
+
+
+def _mmeb_dataset(store: Storage, base: str, known: set[str], files: list[str], name: str, meta_task: str, split: str,
+                  limit: int | None) -> MmebDataset:
+    images: dict[str, bytes] = {}  # shared by the dataset's rows: one read (and one bytes object) per image
+    rows: list[MmebRow] = []
+    for file in files:
+        remaining = None if limit is None else limit - len(rows)
+        for row, rec in _parquet_rows(store, file, ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path"),
+                                      (), remaining):
+            rows.append(_mmeb_row(store, base, known, images, rec, f"{file} (dataset {name}) row {row}"))
+        if limit is not None and len(rows) >= limit:
+            break
+    return MmebDataset(name, meta_task, split, rows)
 
 
 def _mmeb_listing(store: Storage, base: str, known: set[str], folders: dict[str, list[str]]) -> list[tuple[str, str, str]]:
