@@ -87,3 +87,17 @@ def test_mmeb_layout_addresses_items_by_content():
     assert layout.items[q0] == ("<image> classify", png)
     # The key depends on content only: the same row in another dataset gets the same keys.
     assert mmeb_layout(MmebDataset("Y", "VQA", "OOD", ds.rows[:1])).queries == [q0]
+
+
+def test_mmeb_identity_follows_content_order_and_images():
+    from cafe_core.evaluate.export import mmeb_identity
+
+    def identity(rows):
+        ds = MmebDataset("X", "VQA", "IND", rows)
+        return mmeb_identity(ds, mmeb_layout(ds), "s3://b/mmeb", None)
+
+    base = [MmebRow("<image> q", b"img-1", [("yes", None), ("no", None)])]
+    same = identity([MmebRow("<image> q", bytes(bytearray(b"img-1")), [("yes", None), ("no", None)])])
+    assert identity(base) == same and same["items"] == 1
+    assert identity([MmebRow("<image> q", b"img-2", [("yes", None), ("no", None)])])["digest"] != same["digest"]
+    assert identity([MmebRow("<image> q", b"img-1", [("no", None), ("yes", None)])])["digest"] != same["digest"]

@@ -79,8 +79,12 @@ def retrieval_identity(rs, uri: str, max_items: int | None) -> dict:
     return set_identity(rs, len(rs.images) + len(rs.captions), uri, max_items)
 
 
-def mmeb_identity(ds, uri: str, max_items: int | None) -> dict:
-    return set_identity(ds, len(ds.rows), uri, max_items)
+def mmeb_identity(ds, layout: "MmebLayout", uri: str, max_items: int | None) -> dict:
+    """The dataset's identity from its layout: the item keys already digest each text and image, and each
+    image is hashed once, not once per slot (MMEB repeats an image in up to a million slots)."""
+    content = {"name": ds.name, "meta_task": ds.meta_task, "split": ds.split, "queries": layout.queries,
+               "candidates": layout.candidates}
+    return set_identity(content, len(ds.rows), uri, max_items)
 
 
 @dataclass
@@ -99,6 +103,7 @@ class MmebLayout:
 
 def mmeb_layout(ds) -> MmebLayout:
     image_digests: dict[bytes, str] = {}  # images repeat across rows (a shared pool): hash each once
+    keys: dict[tuple[str, str | None], str] = {}
     items: dict[str, tuple[str, bytes | None]] = {}
 
     def item(text: str, image: bytes | None) -> str:
@@ -107,8 +112,10 @@ def mmeb_layout(ds) -> MmebLayout:
             digest = image_digests.get(image)
             if digest is None:
                 digest = image_digests[image] = hashlib.sha256(image).hexdigest()
-        key = f"mmeb/item/{content_digest((text, digest))}"
-        items.setdefault(key, (text, image))
+        key = keys.get((text, digest))
+        if key is None:
+            key = keys[(text, digest)] = f"mmeb/item/{content_digest((text, digest))}"
+            items[key] = (text, image)
         return key
 
     queries = [item(row.qry_text, row.qry_image) for row in ds.rows]
@@ -136,8 +143,8 @@ def iter_items(cfg: CafeConfig, store: Storage, plan: ExportPlan | None = None) 
     if s.mmeb:
         seen: set[str] = set()
         for ds in eval_sets.iter_mmeb(store, s.mmeb, s.max_items):
-            plan.identities[f"mmeb/{ds.name}"] = mmeb_identity(ds, s.mmeb, s.max_items)
             layout = mmeb_layout(ds)
+            plan.identities[f"mmeb/{ds.name}"] = mmeb_identity(ds, layout, s.mmeb, s.max_items)
             new = [key for key in layout.items if key not in seen]
             plan.mmeb[ds.name] = {"rows": len(ds.rows), "slots": layout.slots, "new_items": len(new)}
             seen.update(new)

@@ -113,8 +113,8 @@ def _mmeb(ctx: Context) -> FamilyResult:
         raise EvaluationError("family mmeb needs eval_sets.mmeb")
     per_dataset, strict, results, rows, sets, info = {}, {}, [], [], {}, {}
     for ds in eval_sets.iter_mmeb(ctx.store, s.mmeb, s.max_items):  # one dataset in memory at a time
-        emb = ctx.embedded_set(f"mmeb/{ds.name}", mmeb_identity(ds, s.mmeb, s.max_items), sets)
         layout = mmeb_layout(ds)
+        emb = ctx.embedded_set(f"mmeb/{ds.name}", mmeb_identity(ds, layout, s.mmeb, s.max_items), sets)
         hits, strict_hits = mmeb.hits_in_blocks(layout.queries, layout.candidates, emb.get, ctx.cfg.evaluate.block_slots)
         per_dataset[ds.name], strict[ds.name] = float(hits.float().mean()), float(strict_hits.float().mean())
         info[ds.name] = (ds.meta_task, ds.split)
