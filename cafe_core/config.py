@@ -390,6 +390,14 @@ class ExportConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
     prompts: PromptConfig = PromptConfig()
     max_length: int = Field(2048, ge=16)
+    # Processes embedding at once, each its share of the shards on its own GPU (torchrun; `cafe export`
+    # starts it itself). 0: one per visible GPU, one on a CPU machine.
+    nproc_per_node: int = Field(0, ge=0)
+
+    def processes(self) -> int:
+        import torch
+
+        return self.nproc_per_node or max(1, torch.cuda.device_count())
 
 
 class GenerationConfig(Strict):

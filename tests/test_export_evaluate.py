@@ -21,6 +21,7 @@ from cafe_core.model.inputs import InputBuilder
 from cafe_core.model.locate import locate
 from cafe_core.model.build import build, save
 from cafe_core.stages.evaluate import evaluate
+from cafe_core.stages.evaluate import export as export_stage
 from cafe_core.storage import Storage
 
 pytestmark = pytest.mark.slow
@@ -208,3 +209,35 @@ def test_the_shard_reader_keeps_a_bounded_cache(world):
     torch.testing.assert_close(view[10:20], reference[15:25])
     with pytest.raises(ExportError, match="has no embedding for 'retrieval/shapes/image/999'"):
         full.rows(["retrieval/shapes/image/999"])
+
+
+def test_two_processes_export_what_one_does(world, tmp_path):
+    cfg, store = world
+    one = export(cfg, store, progress=False)
+    two = cfg.model_copy(deep=True)
+    two.export.output = str(tmp_path / "export-2")
+    two.export.nproc_per_node = 2
+    result = export_stage(two, store)  # starts torchrun: two processes, each its share of the shards
+    assert result.meta["items"] == one.items
+    a, b = Embeddings(store, cfg.export.output), Embeddings(store, two.export.output)
+    assert a.index == b.index and a.summary["sets"] == b.summary["sets"] and b.summary["world"] == 2
+    torch.testing.assert_close(b.get(b.index["id"]), a.get(a.index["id"]), atol=1e-5, rtol=0)
+    writers = [store.read_json(f"{two.export.output}/shards/shard-{k:05d}.json")["rank"] for k in range(one.shards)]
+    assert writers == [k % 2 for k in range(one.shards)]
+    verify_output(store, two.export.output)
+
+
+def test_rank_0_commits_only_when_every_other_rank_s_shard_is_there(world, tmp_path):
+    cfg, store = world
+    alone = cfg.model_copy(deep=True)
+    alone.export.output = str(tmp_path / "export-alone")
+    # rank 0 of two, but rank 1 never ran: its shards are missing, so nothing is committed
+    with pytest.raises(ExportError, match=r"shard 1 of .* \(rank 1's\) is missing"):
+        export(alone, store, progress=False, ranks=export_module.Ranks(rank=0, world=2))
+    assert not store.exists(f"{alone.export.output}/_MANIFEST.json")
+    # rank 1 writes its shards and commits nothing; then rank 0 reuses its own and takes rank 1's
+    assert export(alone, store, progress=False, ranks=export_module.Ranks(rank=1, world=2)) is None
+    assert not store.exists(f"{alone.export.output}/_MANIFEST.json")
+    done = export(alone, store, progress=False, ranks=export_module.Ranks(rank=0, world=2))
+    assert done.reused_shards == (done.shards + 1) // 2
+    verify_output(store, alone.export.output)

@@ -21,10 +21,13 @@ rank 0 then commits them all through the resume check (`_reusable`), which also 
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import io
 import json
 import os
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -265,6 +268,22 @@ class Ranks:
     attempt: str | None = None
 
 
+@contextlib.contextmanager
+def export_ranks(wait: datetime.timedelta = datetime.timedelta(days=1)) -> Iterator[Ranks]:
+    """The export's process group under torchrun: gloo, whatever the device, as it carries only the barrier
+    and the attempt token (no tensors). A rank that finishes its shards first waits at the barrier for the
+    slowest, hence the long timeout; a rank that fails ends the others through torchrun."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=wait)
+    try:
+        token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(token, src=0)
+        yield Ranks(dist.get_rank(), dist.get_world_size(), dist.barrier, token[0])
+    finally:
+        dist.destroy_process_group()
+
+
 def export(cfg: CafeConfig, store: Storage, progress: bool = True, ranks: Ranks = Ranks()) -> ExportResult | None:
     """Embed and commit. With several ranks (torchrun) this process embeds the shards k with k % world ==
     rank; after the barrier rank 0 checks and commits every shard and returns the result, the others None."""
@@ -307,7 +326,8 @@ def export(cfg: CafeConfig, store: Storage, progress: bool = True, ranks: Ranks 
         emb = embed_items(model, builder, shard, e.batch_size, device)
         dim = emb.shape[1]
         blob = save_safetensors({"embeddings": emb.contiguous()}, metadata={"rows": str(len(shard))})
-        desc = json.dumps({**about, "size": len(blob), "sha256": sha256_bytes(blob), "dim": dim}, indent=2).encode()
+        desc = json.dumps({**about, "size": len(blob), "sha256": sha256_bytes(blob), "dim": dim, "rank": rank},
+                          indent=2).encode()
         # The description is written after the shard: present means the shard before it is complete.
         for name, data in ((f"{shard_name(k)}.safetensors", blob), (f"{shard_name(k)}.json", desc)):
             if out is not None:

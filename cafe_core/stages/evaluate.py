@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from cafe_core.config import FAMILIES, CafeConfig
-from cafe_core.errors import BadInput
+from cafe_core.errors import BadInput, StageFailed
 from cafe_core.layout import METRICS_FILE, RunLayout
 from cafe_core.stages.base import Result, committed, stage
 from cafe_core.storage import Storage
@@ -26,10 +26,29 @@ ABLATION_COLUMNS = ("retrieval/*/i2t_R@1", "retrieval/*/t2i_R@1", "mmeb/overall/
 
 @stage("export", lambda cfg: cfg.export.output)
 def export(cfg: CafeConfig, store: Storage, progress: bool = False) -> Result:
-    """Embed every evaluation item once with the checkpoint (sharded safetensors + an index). Resumes by shard."""
+    """Embed every evaluation item once with the checkpoint (sharded safetensors + an index). Resumes by shard.
+    With export.nproc_per_node > 1 (or 0 and several GPUs) outside torchrun, starts torchrun: each process
+    embeds its share of the shards, rank 0 commits."""
     from cafe_core.evaluate.export import export as run
+    from cafe_core.evaluate.export import export_ranks
+    from cafe_core.train.torchrun import in_torchrun, torchrun
 
-    r = run(cfg, store, progress=progress)
+    nproc = cfg.export.processes()
+    if nproc > 1 and not in_torchrun():
+        print(f"export: {nproc} processes under torchrun", flush=True)
+        if torchrun(cfg, store, ["export"], nproc) != 0:
+            raise StageFailed(f"an export process failed; finished shards under {cfg.export.output} are kept")
+        from cafe_core.commit import read_manifest
+
+        meta = read_manifest(store, cfg.export.output).meta  # rank 0 has printed the summary
+        return committed(store, "export", cfg.export.output, "", items=meta["items"], dim=meta["dim"])
+    if not in_torchrun():
+        r = run(cfg, store, progress=progress)
+    else:
+        with export_ranks() as ranks:
+            r = run(cfg, store, progress=progress, ranks=ranks)
+        if r is None:  # not rank 0: rank 0 commits and reports
+            return Result("export", cfg.export.output, "")
     reused = f", {r.reused_shards} reused from an interrupted run" if r.reused_shards else ""
     line = f"export: {r.items} embeddings (dim {r.dim}) in {r.shards} shard(s){reused}: {r.output}"
     return committed(store, "export", r.output, line, items=r.items, dim=r.dim)

@@ -1,4 +1,4 @@
-"""Start the training entry point under torchrun on this machine (c10d rendezvous on loopback).
+"""Start a stage (training, export) under torchrun on this machine (c10d rendezvous on loopback).
 
 The parent resolves the config once (run id included) and hands the children the resolved YAML, so every
 rank trains the same run. S3 settings reach the children through boto3's standard environment variables.
@@ -33,15 +33,16 @@ def child_env(store: Storage) -> dict[str, str]:
     return env
 
 
-def torchrun(cfg: CafeConfig, store: Storage, module_args: list[str]) -> int:
-    """Run `python -m cafe_core.cli <module_args> --config <resolved>` on nproc_per_node local processes."""
+def torchrun(cfg: CafeConfig, store: Storage, module_args: list[str], nproc: int | None = None) -> int:
+    """Run `python -m cafe_core.cli <module_args> --config <resolved>` on `nproc` local processes (default
+    train.nproc_per_node)."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="cafe-resolved-", delete=False) as f:
         f.write(cfg.to_yaml())
         resolved = f.name
     try:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
-            f"--nproc_per_node={cfg.train.nproc_per_node}", "--rdzv_backend=c10d",
+            f"--nproc_per_node={nproc or cfg.train.nproc_per_node}", "--rdzv_backend=c10d",
             f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "cafe_core.cli", *module_args, "--config", resolved,
         ]
         return subprocess.run(cmd, env=child_env(store)).returncode
