@@ -138,7 +138,7 @@ def measure(cfg: CafeConfig, store: Storage, checkpoint_uri: str, export_uri: st
     """Re-embed promote.reembed_sample items of the export at `export_uri` from the exact committed files of
     `checkpoint_uri` (fresh download, sha256 checked against the manifest), with the sets, prompts and
     precision recorded in the export, and compare with the exported embeddings."""
-    from cafe_core.evaluate.export import Embeddings, ExportError, collect_items, embed_items, load_for_inference
+    from cafe_core.evaluate.export import Embeddings, ExportError, embed_items, iter_items, load_for_inference
     from cafe_core.model.inputs import InputBuilder
     from cafe_core.model.locate import locate, verified_copy
 
@@ -156,7 +156,7 @@ def measure(cfg: CafeConfig, store: Storage, checkpoint_uri: str, export_uri: st
     ids = emb.index["id"]
     step = max(1, len(ids) // sample)  # spread over every set and modality in index order
     wanted = set(ids[::step][:sample])
-    items = [it for it in collect_items(as_exported, store) if it.id in wanted]
+    items = [it for it in iter_items(as_exported, store) if it.id in wanted]  # streamed: the sample is kept
     if len(items) != len(wanted):
         raise ExportError("the evaluation sets changed since the export: some exported items no longer exist")
     with verified_copy(store, ref) as folder:

@@ -156,15 +156,6 @@ def iter_items(cfg: CafeConfig, store: Storage, plan: ExportPlan | None = None) 
                 yield Item(key, "interleaved", "mmeb", text=text, image=image)
 
 
-def collect_items(cfg: CafeConfig, store: Storage, identities: dict[str, dict] | None = None) -> list[Item]:
-    """`iter_items` as a list (small sets, tests, the parity sample)."""
-    plan = ExportPlan(identities if identities is not None else {})
-    items = list(iter_items(cfg, store, plan))
-    if not items:
-        raise ExportError("nothing to export: eval_sets has no retrieval set and no mmeb folder")
-    return items
-
-
 # --- embedding ---------------------------------------------------------------------------------------
 
 

@@ -17,14 +17,26 @@ import torch
 from cafe_core.evaluate.retrieval import unit_rows
 
 
-def modality_gap(image_emb: np.ndarray | torch.Tensor, text_emb: np.ndarray | torch.Tensor) -> dict[str, float]:
-    img = unit_rows(image_emb, "image_emb")
-    txt = unit_rows(text_emb, "text_emb").to(img.device)
-    if img.shape[1] != txt.shape[1]:
-        raise ValueError(f"image_emb has dim {img.shape[1]} but text_emb has dim {txt.shape[1]}")
-    out = {"gap/centroid_distance": float(torch.linalg.vector_norm(img.mean(0) - txt.mean(0)))}
-    if img.shape[0] == txt.shape[0]:
-        out["gap/mean_cosine_pairs"] = float((img * txt).sum(1).mean())
+def modality_gap(image_emb, text_emb, block_rows: int = 65536) -> dict[str, float]:
+    """The gap of two embedding sets: arrays, or any rows source with ``len()`` and slices (an export's lazy
+    view), read ``block_rows`` rows at a time, so a million-image corpus needs one block in memory."""
+    n_img, n_txt = len(image_emb), len(text_emb)
+    sums, paired = [], torch.zeros((), dtype=torch.float64)
+    for rows, n, name in ((image_emb, n_img, "image_emb"), (text_emb, n_txt, "text_emb")):
+        total = None
+        for start in range(0, max(n, 1), block_rows):
+            block = unit_rows(rows[start:start + block_rows], name).double()
+            total = block.sum(0) if total is None else total + block.sum(0)
+        sums.append(total)
+    if sums[0].shape != sums[1].shape:
+        raise ValueError(f"image_emb has dim {sums[0].shape[0]} but text_emb has dim {sums[1].shape[0]}")
+    out = {"gap/centroid_distance": float(torch.linalg.vector_norm(sums[0] / n_img - sums[1].to(sums[0]) / n_txt))}
+    if n_img == n_txt:
+        for start in range(0, n_img, block_rows):
+            img = unit_rows(image_emb[start:start + block_rows], "image_emb").double()
+            txt = unit_rows(text_emb[start:start + block_rows], "text_emb").double().to(img.device)
+            paired = paired.to(img.device) + (img * txt).sum()
+        out["gap/mean_cosine_pairs"] = float(paired / n_img)
     return out
 
 
@@ -38,6 +50,11 @@ def project_2d(points: torch.Tensor) -> np.ndarray:
         xy = torch.cat([xy, torch.zeros(xy.shape[0], 2 - xy.shape[1])], dim=1)
     signs = torch.sign(xy.gather(0, xy.abs().argmax(0, keepdim=True)))
     return (xy * torch.where(signs == 0, 1.0, signs)).numpy()
+
+
+def sample_pairs(n: int, max_pairs: int, seed: int = 0) -> np.ndarray:
+    """The rows the scatter shows: up to ``max_pairs`` of ``n``, sampled with ``seed``, in order."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(max_pairs, n), replace=False))
 
 
 def gap_scatter_png(
@@ -58,8 +75,7 @@ def gap_scatter_png(
         raise ValueError(f"the scatter needs paired rows: image_emb {tuple(img.shape)} vs text_emb {tuple(txt.shape)}")
     if max_pairs < 1:
         raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
-    n = img.shape[0]
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(max_pairs, n), replace=False))
+    rows = sample_pairs(img.shape[0], max_pairs, seed)
     xy = project_2d(torch.cat([img[rows], txt[rows]]))
     k = len(rows)
     fig = Figure(figsize=(5, 5), dpi=100)

@@ -137,13 +137,16 @@ def _gap(ctx: Context) -> FamilyResult:
         for j, i in enumerate(rs.caption_image.tolist()):
             first_caption.setdefault(i, j)
         pairs = sorted(first_caption.items())
-        images = emb.get([f"retrieval/{name}/image/{i}" for i, _ in pairs])
-        texts = emb.get([f"retrieval/{name}/text/{j}" for _, j in pairs])
-        out = gap.modality_gap(images, texts)
+        image_ids = [f"retrieval/{name}/image/{i}" for i, _ in pairs]
+        text_ids = [f"retrieval/{name}/text/{j}" for _, j in pairs]
+        out = gap.modality_gap(emb.rows(image_ids), emb.rows(text_ids))
         metrics.update({f"gap/{name}/{k.split('/', 1)[1]}": v for k, v in out.items()})
         if n == 0:  # the headline figure: the first retrieval set
             metrics.update(out)
-        files[f"gap_{name}.png"] = gap.gap_scatter_png(images, texts, max_pairs=ctx.cfg.evaluate.gap_pairs)
+        shown = gap.sample_pairs(len(pairs), ctx.cfg.evaluate.gap_pairs)  # only the plotted pairs are read
+        files[f"gap_{name}.png"] = gap.gap_scatter_png(
+            emb.get([image_ids[i] for i in shown]), emb.get([text_ids[i] for i in shown]), max_pairs=len(shown),
+            title=f"{len(shown)} image-text pairs (PCA), centroid distance {out['gap/centroid_distance']:.3f}")
         rows.append([name, len(pairs), *out.values()])
     if not rows:
         raise EvaluationError("family gap needs a retrieval set in eval_sets.retrieval")

@@ -1,4 +1,4 @@
-"""MMEB at scale: content-addressed items, blockwise scoring, the lazy shard reader."""
+"""Evaluation at scale: MMEB's content-addressed items and blockwise scoring, the modality gap read in blocks."""
 
 from __future__ import annotations
 
@@ -101,3 +101,33 @@ def test_mmeb_identity_follows_content_order_and_images():
     assert identity(base) == same and same["items"] == 1
     assert identity([MmebRow("<image> q", b"img-2", [("yes", None), ("no", None)])])["digest"] != same["digest"]
     assert identity([MmebRow("<image> q", b"img-1", [("no", None), ("yes", None)])])["digest"] != same["digest"]
+
+
+class _Rows:
+    """A lazy rows source: ``len()`` and slices, recording the largest slice served."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data, self.largest = data, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        out = self.data[rows]
+        self.largest = max(self.largest, len(out))
+        return out
+
+
+def test_the_modality_gap_read_in_blocks_equals_the_whole():
+    from cafe_core.evaluate.gap import modality_gap
+
+    gen = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(37, 6, generator=gen) + 1, torch.randn(37, 6, generator=gen) - 1
+    whole = modality_gap(img, txt)
+    images, texts = _Rows(img), _Rows(txt)
+    blocked = modality_gap(images, texts, block_rows=5)
+    assert blocked == pytest.approx(whole, abs=1e-6) and images.largest == texts.largest == 5
+    assert modality_gap(img, txt[:30], block_rows=4).keys() == {"gap/centroid_distance"}
+    # hand-computed: unit rows (1,0),(0,1) vs (1,0),(1,0): centroids (.5,.5) and (1,0) -> distance sqrt(.5)
+    got = modality_gap(torch.tensor([[2.0, 0.0], [0.0, 3.0]]), torch.tensor([[1.0, 0.0], [5.0, 0.0]]), block_rows=1)
+    assert got == pytest.approx({"gap/centroid_distance": 0.5 ** 0.5, "gap/mean_cosine_pairs": 0.5})
