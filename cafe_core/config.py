@@ -104,14 +104,25 @@ class SourceConfig(Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._()-]*$")
     # onevision_parquet: a folder or S3 prefix of LLaVA-OneVision-Data parquet shards.
     # llava_next: a LLaVA-NeXT JSON/JSONL list or a dataset YAML (json_path + sampling_strategy).
-    format: Literal["onevision_parquet", "llava_next"]
+    # mmeb_train: VLM2Vec's MMEB-train layout, <Subset>/<split>-*.parquet|jsonl or <Subset>.parquet|jsonl under
+    # uri (or one such file), rows qry, qry_image_path, pos_text, pos_image_path[, neg_text, neg_image_path].
+    format: Literal["onevision_parquet", "llava_next", "mmeb_train"]
     uri: str
-    image_folder: str | None = None  # llava_next only; defaults to the JSON file's folder
+    # llava_next: defaults to the JSON file's folder. mmeb_train: the image root that the rows' image paths
+    # (images/<Subset>/...) are relative to; defaults to uri's folder.
+    image_folder: str | None = None
+    subsets: list[str] | None = None  # mmeb_train only: the subsets to read (default: every one found)
+    split: str | None = None  # mmeb_train only: which split's files of a subset folder (e.g. original)
 
     @model_validator(mode="after")
-    def _image_folder_only_for_llava_next(self) -> "SourceConfig":
-        if self.image_folder is not None and self.format != "llava_next":
-            raise ValueError("image_folder is only used with format 'llava_next'")
+    def _fields_of_the_format(self) -> "SourceConfig":
+        if self.image_folder is not None and self.format == "onevision_parquet":
+            raise ValueError("image_folder is only used with formats 'llava_next' and 'mmeb_train'")
+        for name in ("subsets", "split"):
+            if getattr(self, name) is not None and self.format != "mmeb_train":
+                raise ValueError(f"{name} is only used with format 'mmeb_train'")
+        if self.subsets is not None and not self.subsets:
+            raise ValueError("subsets is an empty list: leave it out to read every subset")
         return self
 
 
@@ -258,8 +269,12 @@ class LossConfig(Strict):
     temperature: float = 0.05  # within TEMPERATURE_RANGE; a learnable one starts here
     learnable_temperature: bool = False  # learnt at train.optim.lr_temperature, clamped at >= 0.01
     # pairs: "Compress this image/sentence" prompts for image and caption. interleaved: MMEB-style inputs,
-    # the query (image + prompts.pair_query text) against the target (the caption as plain user text).
+    # the query (image + prompts.pair_query text) against the target (the caption as plain user text); an
+    # MMEB-train pair brings its own query and target (text and/or image).
     mode: Literal["pairs", "interleaved"] = "pairs"
+    # Interleaved mode: a pair's hard negative (MMEB-train neg_text/neg_image_path) joins the candidates of
+    # the query->target InfoNCE, as VLM2Vec does. false: negatives stay in the data and are not used.
+    hard_negatives: bool = True
 
     @field_validator("temperature")
     @classmethod

@@ -43,6 +43,16 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat(all_gather_autograd(x.contiguous(), group=dist.group.WORLD), dim=0)
 
 
+def gather(x: Tensor) -> Tensor:
+    """Concatenate x (no gradient) from every rank along dim 0."""
+    _, world = _world()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def global_sum(x: Tensor) -> Tensor:
     """Sum of a (no-grad) tensor over ranks."""
     _, world = _world()
@@ -109,20 +119,36 @@ class InfoNCE(nn.Module):
             log_scale = _ClampTowardRange.apply(log_scale, math.log(MAX_LOGIT_SCALE))
         return log_scale.exp()
 
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return info_nce(a, b, self.logit_scale())
+    def forward(
+        self, a: Tensor, b: Tensor, negatives: Tensor | None = None, negative_mask: Tensor | None = None
+    ) -> Tensor:
+        return info_nce(a, b, self.logit_scale(), negatives, negative_mask)
 
 
-def info_nce(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
+def info_nce(
+    a: Tensor, b: Tensor, scale: Tensor, negatives: Tensor | None = None, negative_mask: Tensor | None = None
+) -> Tensor:
     """This rank's symmetric InfoNCE: its rows of `a` against every rank's `b` and the reverse, at logit
-    scale `scale`; the mean over ranks is the global batch's loss."""
+    scale `scale`; the mean over ranks is the global batch's loss.
+
+    Hard negatives (VLM2Vec): `negatives` row i is pair i's negative target, used where `negative_mask` is
+    True (shape (batch,)); every rank's are gathered (with gradient) and join the candidates of a->b only:
+    each query is scored against all targets and all negatives, its own target the label."""
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"expected two (batch, dim) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     rank, _ = _world()
     a, b = a.float(), b.float()
     all_a, all_b = gather_with_grad(a), gather_with_grad(b)
     labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
-    loss_ab = F.cross_entropy(scale * a @ all_b.T, labels)
+    logits_ab = scale * a @ all_b.T
+    if negatives is not None:
+        if negatives.shape != a.shape or negative_mask is None or negative_mask.shape != a.shape[:1]:
+            raise ValueError(f"negatives {tuple(negatives.shape)} need the shape of a {tuple(a.shape)} and a mask "
+                             f"of shape ({a.shape[0]},)")
+        used = gather(negative_mask.to(torch.float32)) > 0.5  # (gloo gathers no bool tensors)
+        scores = (scale * a @ gather_with_grad(negatives.float()).T).masked_fill(~used, float("-inf"))
+        logits_ab = torch.cat([logits_ab, scores], dim=1)
+    loss_ab = F.cross_entropy(logits_ab, labels)
     loss_ba = F.cross_entropy(scale * b @ all_a.T, labels)
     return (loss_ab + loss_ba) / 2
 
@@ -155,11 +181,14 @@ class CachedContrastive:
     grad_b: Tensor
     grad_log_scale: Tensor | None  # on one micro-batch of the step only
     micro_steps: int
+    grad_negatives: Tensor | None = None  # when the step has hard negatives
 
-    def surrogate(self, a: Tensor, b: Tensor, log_scale: Tensor) -> Tensor:
-        """A scalar whose gradient through (a, b, log_scale) is the cached one, scaled by micro_steps since
-        the engine divides each micro-step's backward by their number."""
+    def surrogate(self, a: Tensor, b: Tensor, log_scale: Tensor, negatives: Tensor | None = None) -> Tensor:
+        """A scalar whose gradient through (a, b, log_scale, negatives) is the cached one, scaled by
+        micro_steps since the engine divides each micro-step's backward by their number."""
         s = (a.float() * self.grad_a).sum() + (b.float() * self.grad_b).sum()
+        if self.grad_negatives is not None:
+            s = s + (negatives.float() * self.grad_negatives).sum()
         if self.grad_log_scale is not None:
             s = s + (log_scale.float() * self.grad_log_scale).sum()  # log_scale has shape (1,)
         return s * self.micro_steps
@@ -207,15 +236,18 @@ class JointLoss(nn.Module):
         step_tokens: Tensor | None = None,
         micro_steps: int = 1,
         cached: CachedContrastive | None = None,
+        negatives: Tensor | None = None,
+        negative_mask: Tensor | None = None,
     ) -> LossParts:
         """The loss of one micro-batch. With `cached`, the contrastive part's value is the step's and its
-        gradient the cached one (`total` is then the objective to differentiate, not the loss's value)."""
+        gradient the cached one (`total` is then the objective to differentiate, not the loss's value).
+        `negatives`, `negative_mask`: hard negatives of the contrastive part (info_nce)."""
         lm = lm_loss(lm_logits, lm_targets, step_tokens, micro_steps) if self.uses_lm else None
         if not self.uses_con:
             con = objective = None
         elif cached is not None:
-            con, objective = cached.loss, cached.surrogate(emb_a, emb_b, self.infonce.log_scale)
+            con, objective = cached.loss, cached.surrogate(emb_a, emb_b, self.infonce.log_scale, negatives)
         else:
-            con = objective = self.infonce(emb_a, emb_b)
+            con = objective = self.infonce(emb_a, emb_b, negatives, negative_mask)
         parts = [w * p for w, p in ((self.a_lm, lm), (self.a_con, objective)) if p is not None]
         return LossParts(total=sum(parts[1:], parts[0]), lm=lm, con=con)

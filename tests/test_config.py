@@ -71,7 +71,7 @@ def test_bad_value_names_allowed_values():
         ("run_id=../../etc", "run_id"),
         ("validate.caption_chars.min=10", None),
         ("validate.caption_chars.max=5", "min (20.0) is greater than max (5.0)"),
-        ("data.sources.0.image_folder=/x", "only used with format 'llava_next'"),
+        ("data.sources.0.image_folder=/x", "only used with formats 'llava_next' and 'mmeb_train'"),
         ("data.sources.0.name=../x", "data.sources.0.name"),
     ],
 )

@@ -36,6 +36,10 @@ class FakeBuilder:
         self.calls.append(("text", list(texts), mode))
         return Batch("text", list(texts), mode)
 
+    def interleaved_batch(self, items, always_vision=False):
+        self.calls.append(("interleaved", list(items), always_vision))
+        return Batch("image", list(items), "interleaved")
+
 
 class FakeEngine:
     """engine(batch, mode="embed") -> one row per item, looked up in fixed tables."""
@@ -119,6 +123,25 @@ def test_training_mode_is_restored_when_embedding_fails():
 def test_from_pairs():
     h = from_pairs([{"image": b"x", "caption": "X", "id": "1"}, {"image": b"y", "caption": "Y", "id": "2"}])
     assert (h.images, h.captions, len(h)) == ([b"x", b"y"], ["X", "Y"], 2)
+
+
+def test_mmeb_pairs_score_each_query_against_the_targets():
+    """Held-out MMEB-train pairs (interleaved mode): each side with its own text and image, through
+    interleaved_batch with the blank image for chunks without one; image-caption pairs among them read as
+    image + pair_query against the caption. Negatives are not candidates here."""
+    side_columns = ("query_text", "query_image", "target_text", "target_image", "negative_text", "negative_image")
+    mmeb = lambda *cells: {"image": None, "caption": None, **dict(zip(side_columns, cells))}  # noqa: E731
+    rows = [mmeb("q0", b"i0", "t0", None, "t1", None), mmeb("q1", None, "t1", b"i1", None, None),
+            {"image": b"i2", "caption": "t2", "query_text": None}]
+    data = from_pairs(rows, "<image>\nQ")
+    assert [p.query.text for p in data.pairs] == ["q0", "q1", "<image>\nQ"] and data.pairs[0].negative.text == "t1"
+    vec = {("q0", b"i0"): [1, 0, 0], ("q1", None): [0, 0, 1], ("<image>\nQ", b"i2"): [0, 1, 0],
+           ("t0", None): [1, 0, 0], ("t1", b"i1"): [0, 1, 0], ("t2", None): [0, 0, 1]}
+    builder = FakeBuilder()
+    assert i2t_top1(FakeEngine(vec, {}), builder, data, "cpu", 0, 1, mode="interleaved") == pytest.approx(1 / 3)
+    assert builder.calls == [("interleaved", [("q0", b"i0"), ("q1", None), ("<image>\nQ", b"i2")], True),
+                             ("interleaved", [("t0", None), ("t1", b"i1"), ("t2", None)], True)]
+    assert from_pairs(rows[2:]).pairs is None  # image-caption pairs alone: images against captions, as before
 
 
 def _write_set(path, rows, struct_images=True):

@@ -40,6 +40,25 @@ def test_infonce_is_symmetric_mean_of_both_directions():
     assert InfoNCE(0.05)(b, a).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_hard_negatives_join_the_query_candidates_only():
+    """a = b = I, temperature 1. Pair 0's negative is a's own row 0 (scores 1), pair 1's is masked out:
+    query 0 scores [1, 0 | 1], query 1 [0, 1 | 0] (its column for negative 1 is -inf); the target->query
+    direction is unchanged, log(1 + e^-1) per row."""
+    a = EYE.clone().requires_grad_()
+    negatives = torch.stack([EYE[0], torch.tensor([5.0, 5.0])]).requires_grad_()  # row 1: masked, any value
+    mask = torch.tensor([True, False])
+    got = InfoNCE(1.0)(a, EYE, negatives, mask)
+    e = math.e
+    q0, q1 = math.log(2 * e + 1) - 1, math.log(e + 2) - 1
+    assert got.item() == pytest.approx(((q0 + q1) / 2 + math.log(1 + 1 / e)) / 2, abs=1e-6)
+    got.backward()
+    assert torch.equal(negatives.grad[1], torch.zeros(2)) and negatives.grad[0].abs().sum() > 0
+    assert InfoNCE(1.0)(EYE, EYE, torch.zeros(2, 2), torch.tensor([False, False])).item() == pytest.approx(
+        InfoNCE(1.0)(EYE, EYE).item(), abs=1e-7)  # all masked: plain InfoNCE
+    with pytest.raises(ValueError, match="mask"):
+        InfoNCE(1.0)(EYE, EYE, torch.zeros(2, 2))
+
+
 def test_infonce_computes_in_fp32_and_learns_its_temperature():
     loss = InfoNCE(0.05, learnable=True)
     a = F.normalize(torch.randn(4, 8), dim=-1).bfloat16()

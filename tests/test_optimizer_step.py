@@ -34,6 +34,8 @@ class ToyBatch:
     x_txt: torch.Tensor
     tokens: torch.Tensor
     targets: torch.Tensor
+    x_neg: torch.Tensor | None = None  # hard negatives (text side), used where neg_mask is True
+    neg_mask: torch.Tensor | None = None
 
     def to(self, device):
         return self
@@ -47,6 +49,12 @@ class ToyCafe(CafeModel):
 
     def embeddings(self, hidden, batch, name):
         return F.normalize(self.hf["img"](batch.x_img) if name == "a" else self.hf["txt"](batch.x_txt), dim=-1)
+
+    def negatives(self, hidden, batch, a):
+        if batch.x_neg is None:
+            return None
+        n = F.normalize(self.hf["txt"](batch.x_neg), dim=-1)
+        return torch.where(batch.neg_mask[:, None], n, a * 0.0), batch.neg_mask
 
     def lm_logits(self, hidden, batch):
         targets = batch.targets[:, 1:]
@@ -62,7 +70,8 @@ def problem(a_lm: float, a_con: float) -> tuple[ToyCafe, ToyBatch]:
     targets = torch.randint(0, VOCAB, (GLOBAL_BATCH, LENGTH), generator=g)
     targets[torch.rand(GLOBAL_BATCH, LENGTH, generator=g) < 0.5] = IGNORE_INDEX  # uneven counts per row
     data = ToyBatch(torch.randn(GLOBAL_BATCH, 5, generator=g), torch.randn(GLOBAL_BATCH, 4, generator=g),
-                    torch.randn(GLOBAL_BATCH, LENGTH, 3, generator=g), targets)
+                    torch.randn(GLOBAL_BATCH, LENGTH, 3, generator=g), targets,
+                    torch.randn(GLOBAL_BATCH, 4, generator=g), torch.rand(GLOBAL_BATCH, generator=g) < 0.5)
     loss = JointLoss(a_lm=a_lm, a_con=a_con, temperature=0.1, learnable_temperature=True)
     return ToyCafe(hf, loss), data
 
@@ -88,22 +97,25 @@ class Engine:
                 p.grad /= dist.get_world_size()
 
 
-def one_step(world: int, rank: int, micro_steps: int, a_lm: float, a_con: float, contrastive_batch: str):
+def one_step(world: int, rank: int, micro_steps: int, a_lm: float, a_con: float, contrastive_batch: str,
+             negatives: bool = False):
     model, data = problem(a_lm, a_con)
     plan = BatchPlan(GLOBAL_BATCH, micro_steps, world)
     order = np.arange(GLOBAL_BATCH)
     batches = []
+    parts = (data.x_img, data.x_txt, data.tokens, data.targets) + ((data.x_neg, data.neg_mask) if negatives else ())
     for m in range(micro_steps):
         rows = torch.as_tensor(plan.rows(order, m, rank))
-        batches.append(ToyBatch(*(t[rows] for t in (data.x_img, data.x_txt, data.tokens, data.targets))))
+        batches.append(ToyBatch(*(t[rows] for t in parts)))
     logged = OptimizerStep(Engine(model, micro_steps), model.loss, torch.device("cpu"), contrastive_batch)(batches)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logged, grads
 
 
-CASES = [  # (a_lm, a_con, contrastive_batch)
+CASES = [  # (a_lm, a_con, contrastive_batch[, hard negatives])
     (1.0, 10.0, "step"),  # the joint loss, InfoNCE over the whole step (gradient caching)
     (1.0, 0.0, "micro"),  # LM only: the token normalisation alone
+    (0.0, 1.0, "step", True),  # hard negatives (half the pairs have one) among the step's candidates
 ]
 SPLITS = {1: [1, 2, 4, 8], 2: [1, 2, 4], 4: [1, 2]}  # world -> micro-steps
 
@@ -125,7 +137,7 @@ def assert_same(got, ref, what: str) -> None:
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}, {name}: {m}")
 
 
-@pytest.mark.parametrize("case", CASES, ids=["joint-step", "lm-only"])
+@pytest.mark.parametrize("case", CASES, ids=["joint-step", "lm-only", "hard-negatives"])
 def test_one_process_any_accumulation_equals_one_big_batch(case):
     ref = one_step(1, 0, 1, *case)
     assert ref[0]["loss"] == pytest.approx(case[0] * ref[0].get("loss_lm", 0) + case[1] * ref[0].get("loss_con", 0))
@@ -152,3 +164,9 @@ def test_ranks_times_micro_steps_equal_one_big_batch(tmp_path):
         mp.spawn(_rank_main, args=(world, free_port(), str(out)), nprocs=world, join=True)
         for (case, a), got in torch.load(out).items():
             assert_same(got, refs[case], f"{world} ranks x {a} micro-steps, {case}")
+
+
+def test_hard_negatives_change_the_loss():
+    """The negatives are used (so the hard-negatives case above is not vacuous)."""
+    (plain, _), (hard, _) = one_step(1, 0, 1, 0.0, 1.0, "step"), one_step(1, 0, 1, 0.0, 1.0, "step", True)
+    assert hard["loss_con"] > plain["loss_con"] + 1e-3

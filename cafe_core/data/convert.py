@@ -1,4 +1,4 @@
-"""`cafe convert`: training data (LLaVA-OneVision parquet, LLaVA-NeXT JSON) -> image-text pair shards.
+"""`cafe convert`: training data (LLaVA-OneVision parquet, LLaVA-NeXT JSON, MMEB-train) -> pair shards.
 
 Streams: readers yield records in a fixed order, worker processes check and decode them chunk by chunk
 (a bounded window of chunks in flight, answers taken in submission order), and the main process keeps the
@@ -7,12 +7,15 @@ flat as the input grows, apart from one small key per accepted record for de-dup
 
 Output under `data.output`, committed by its manifest:
     pairs/part-00000.parquet ...  id ("<source name>/<id as found>"), source, image (original bytes),
-                                  image_sha256, image_format, width, height, caption, conversations
+                                  image_sha256, image_format, width, height, caption, conversations;
+                                  query_text, query_image, target_text, target_image, negative_text,
+                                  negative_image (MMEB-train pairs; those hold null image ... conversations)
     rejects.jsonl                 one line per rejected record: id (as found), source, reason, detail
     stats.json                    input = accepted + rejected + deduped, per reason and per source
     config.yaml                   the resolved configuration
-    _MANIFEST.json meta           the counts above, shard_rows (rows of each shard) and source_runs ([source,
-                                  rows] of consecutive rows), read by training
+    _MANIFEST.json meta           the counts above, shard_rows (rows of each shard), source_runs ([source,
+                                  rows] of consecutive rows), interleaved_rows, negative_rows and
+                                  pair_schema (records.PAIR_SCHEMA_VERSION), read by training
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from tqdm import tqdm
 from cafe_core.commit import Manifest, OutputWriter
 from cafe_core.config import DataConfig
 from cafe_core.data import records as R
+from cafe_core.data.mmeb_train import MmebRecord, to_interleaved_pair
 from cafe_core.data.sources import FileProblem, check_source_names, read_source
 from cafe_core.errors import StageFailed
 from cafe_core.storage import Storage, StorageError
@@ -51,6 +55,13 @@ PAIR_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("caption", pa.string()),
         ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+        # schema version 2: the sides of an interleaved (MMEB-train) pair; null on image-caption pairs
+        ("query_text", pa.string()),
+        ("query_image", pa.binary()),
+        ("target_text", pa.string()),
+        ("target_image", pa.binary()),
+        ("negative_text", pa.string()),
+        ("negative_image", pa.binary()),
     ]
 )
 PAIRS_DIR = "pairs"
@@ -81,8 +92,12 @@ def _read_image(uri: str) -> bytes:
         raise R.Reject(R.IMAGE_FILE_MISSING, str(e)) from None
 
 
-def _check_chunk(chunk: list[R.RawRecord]) -> list[R.Outcome]:
-    return [R.to_pair(rec, _worker["limits"], _read_image) for rec in chunk]
+def _check_chunk(chunk: list[R.RawRecord | MmebRecord]) -> list[R.Outcome]:
+    limits = _worker["limits"]
+    return [
+        to_interleaved_pair(rec, limits, _read_image) if isinstance(rec, MmebRecord) else R.to_pair(rec, limits, _read_image)
+        for rec in chunk
+    ]
 
 
 def ordered_map(
@@ -191,7 +206,7 @@ class ConvertResult:
     manifest: Manifest | None
 
 
-def _records(cfg: DataConfig, store: Storage, problems: list[FileProblem]) -> Iterator[R.RawRecord]:
+def _records(cfg: DataConfig, store: Storage, problems: list[FileProblem]) -> Iterator[R.RawRecord | MmebRecord]:
     stream = itertools.chain.from_iterable(read_source(s, store, problems, cfg.seed) for s in cfg.sources)
     return itertools.islice(stream, cfg.max_samples) if cfg.max_samples else stream
 
@@ -202,7 +217,10 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _content_key(row: dict) -> bytes:
+def _content_key(o: R.Outcome) -> bytes:
+    if o.content_key is not None:
+        return o.content_key
+    row = o.row
     return hashlib.sha256(row["image_sha256"].encode() + b"\0" + row["caption"].encode()).digest()[:16]
 
 
@@ -219,6 +237,7 @@ def convert(cfg: DataConfig, store: Storage, config_yaml: str, progress: bool | 
     seen_ids: set[str] = set()  # stored ids, "<source>/<id>": a repeat can only come from the same source
     seen_content: set[bytes] = set()
     source_runs: list[list] = []  # [source, rows] of consecutive accepted rows, in row order
+    sides = Counter()  # accepted interleaved rows, and those of them with a hard negative
     out = OutputWriter(store, cfg.output, kind="pairs")
     with tempfile.TemporaryDirectory(prefix="cafe-convert-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -247,13 +266,15 @@ def convert(cfg: DataConfig, store: Storage, config_yaml: str, progress: bool | 
                         reject(o, R.DUPLICATE_ID, f"id already used by an earlier record of source {o.source!r}")
                     else:
                         seen_ids.add(o.row["id"])
-                        key = _content_key(o.row)
+                        key = _content_key(o)
                         if key in seen_content:
                             tally.deduped[o.source] += 1
                         else:
                             seen_content.add(key)
                             tally.accepted[o.source] += 1
                             shards.add(o.row)
+                            sides[R.INTERLEAVED_ROWS] += o.row.get("query_text") is not None
+                            sides[R.NEGATIVE_ROWS] += o.row.get("negative_text") is not None
                             if source_runs and source_runs[-1][0] == o.source:
                                 source_runs[-1][1] += 1
                             else:
@@ -272,6 +293,8 @@ def convert(cfg: DataConfig, store: Storage, config_yaml: str, progress: bool | 
             "by_source": tally.by_source(),
             "files": {"unreadable": [vars(p) for p in problems]},
             "shards": len(shards.names),
+            R.INTERLEAVED_ROWS: sides[R.INTERLEAVED_ROWS],
+            R.NEGATIVE_ROWS: sides[R.NEGATIVE_ROWS],
             "caption_rule": cfg.caption_rule,
             "max_reject_rate": cfg.max_reject_rate,
             "elapsed_s": round(time.monotonic() - started, 3),
@@ -285,10 +308,13 @@ def convert(cfg: DataConfig, store: Storage, config_yaml: str, progress: bool | 
         if failure:
             error = RejectLimitExceeded if n else ConvertError
             raise error(f"{failure}; nothing was committed. See {out.uri('rejects.jsonl')} and {out.uri('stats.json')}")
-        meta = {k: stats[k] for k in ("input", "accepted", "rejected", "deduped", "shards")}
+        counted = ("input", "accepted", "rejected", "deduped", "shards", R.INTERLEAVED_ROWS, R.NEGATIVE_ROWS)
+        meta = {k: stats[k] for k in counted}
         # Rows per shard and the source of every row: training maps row indices to shards and draws its
         # held-out pairs from every source without downloading the shards first.
-        manifest = out.commit(meta={**meta, R.SHARD_ROWS: shards.counts, R.SOURCE_RUNS: source_runs})
+        manifest = out.commit(meta={
+            **meta, R.SHARD_ROWS: shards.counts, R.SOURCE_RUNS: source_runs, R.PAIR_SCHEMA: R.PAIR_SCHEMA_VERSION,
+        })
     return ConvertResult(output=out.prefix, stats=stats, manifest=manifest)
 
 

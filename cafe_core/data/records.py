@@ -21,10 +21,19 @@ from PIL import Image, UnidentifiedImageError
 
 from cafe_core.prompts import ENDOFTEXT, IM_END, IM_START, IMAGE_TOKEN, VIDEO_TOKEN
 
-# Reject reasons: stable names, counted in stats.json and written to rejects.jsonl.
 # Manifest meta of a converted dataset that training reads (so it need not download shards to plan).
 SHARD_ROWS = "shard_rows"  # shard name -> rows
 SOURCE_RUNS = "source_runs"  # [[source, rows], ...] of consecutive rows, in row order
+INTERLEAVED_ROWS = "interleaved_rows"  # rows with their own query/target sides (MMEB-train), no conversation
+NEGATIVE_ROWS = "negative_rows"  # rows with a hard negative
+PAIR_SCHEMA = "pair_schema"  # the pair shards' layout version (absent: 1)
+# 1: id, source, image, image_sha256, image_format, width, height, caption, conversations.
+# 2: + query_text, query_image, target_text, target_image, negative_text, negative_image (null on image-caption
+#    pairs; an interleaved pair has null image ... conversations). Version 1 shards read as version 2 with
+#    the new columns null.
+PAIR_SCHEMA_VERSION = 2
+
+# Reject reasons: stable names, counted in stats.json and written to rejects.jsonl.
 
 MISSING_ID = "missing_id"
 HOSTILE_ID = "hostile_id"
@@ -47,13 +56,18 @@ NO_GPT_TURN = "no_gpt_turn"
 EMPTY_CAPTION = "empty_caption"
 CAPTION_TOO_LONG = "caption_too_long"
 MALFORMED_RECORD = "malformed_record"
+# Interleaved (MMEB-train) pairs: a side (query, target, negative) with neither text nor image; a text over
+# data.max_caption_chars; an image placeholder in the text but no image path.
+EMPTY_TEXT = "empty_text"
+TEXT_TOO_LONG = "text_too_long"
+IMAGE_TOKEN_WITHOUT_IMAGE = "image_token_without_image"
 
 REJECT_REASONS = (
     MISSING_ID, HOSTILE_ID, DUPLICATE_ID, MISSING_IMAGE, EMPTY_IMAGE, IMAGE_FILE_MISSING,
     IMAGE_PATH_OUTSIDE_FOLDER, MULTI_IMAGE, MISPLACED_IMAGE, CHAT_CONTROL_TOKEN, CORRUPT_IMAGE, TRUNCATED_IMAGE,
     DECOMPRESSION_BOMB,
     UNSUPPORTED_MODE, IMAGE_TOO_SMALL, MISSING_CONVERSATIONS, MALFORMED_CONVERSATIONS, NO_GPT_TURN,
-    EMPTY_CAPTION, CAPTION_TOO_LONG, MALFORMED_RECORD,
+    EMPTY_CAPTION, CAPTION_TOO_LONG, MALFORMED_RECORD, EMPTY_TEXT, TEXT_TOO_LONG, IMAGE_TOKEN_WITHOUT_IMAGE,
 )
 UNSUPPORTED_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N", "LAB", "HSV")
 ROLES = ("human", "gpt", "system")
@@ -107,6 +121,7 @@ class Outcome:
     row: dict | None = None
     reason: str | None = None
     detail: str = ""
+    content_key: bytes | None = None  # what exact duplicates share (None: from the row's image and caption)
 
 
 def pair_id(source: str, raw_id: str) -> str:

@@ -6,6 +6,7 @@
   dataset YAML listing `json_path` + `sampling_strategy` (all | first:N | end:N | random:N, N a count or a
   percentage like 10%; a bare `P%` means random:P%). JSON lists are loaded whole, as the reference does
   (they hold no image bytes); images are read one by one in the workers.
+- MMEB-train (VLM2Vec): interleaved query/target/negative rows, read by cafe_core.data.mmeb_train.
 
 A file that cannot be read is reported as a FileProblem and the other files are still read.
 """
@@ -197,7 +198,12 @@ def check_source_names(sources: list[SourceConfig]) -> None:
         first[src.name] = i
 
 
-def read_source(src: SourceConfig, store: Storage, problems: list[FileProblem], seed: int) -> Iterator[RawRecord]:
+def read_source(src: SourceConfig, store: Storage, problems: list[FileProblem], seed: int) -> Iterator[Any]:
+    """RawRecords (image-caption sources) or MmebRecords (mmeb_train)."""
     if src.format == "onevision_parquet":
         return read_onevision(src, store, problems)
+    if src.format == "mmeb_train":
+        from cafe_core.data.mmeb_train import read_mmeb_train  # it builds on this module's helpers
+
+        return read_mmeb_train(src, store, problems)
     return read_llava_next(src, store, problems, seed)

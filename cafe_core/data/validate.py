@@ -51,6 +51,10 @@ STATS = "stats.json"
 MAX_EXAMPLES = 10
 _BATCH_ROWS = 256  # rows decoded at a time: bounds memory below one shard's image bytes
 _READ_COLUMNS = ["id", "source", "caption", "image", "image_sha256", "width", "height"]
+# Pair schema 2: an interleaved (MMEB-train) pair's sides, absent from older shards. Such a row has no image or
+# caption: its caption_chars is its target text's, `decodes` covers each of its images, and it has no width,
+# height (null: not checked) or stored digest.
+_SIDE_COLUMNS = ["query_text", "query_image", "target_text", "target_image", "negative_image"]
 _SLIM_DTYPES = {
     "id": object,
     "source": object,
@@ -168,10 +172,12 @@ def scan_pairs(store: Storage, prefix: str, shards: list[str], max_pixels: int |
         for name in shards:
             uri = join(prefix, name)
             with store.local_copy(uri) as path, pq.ParquetFile(path) as shard:
-                missing = [c for c in _READ_COLUMNS if c not in shard.schema_arrow.names]
+                names = shard.schema_arrow.names
+                missing = [c for c in _READ_COLUMNS if c not in names]
                 if missing:
                     raise UnusableInputError(f"{uri} lacks the column(s) {', '.join(missing)}")
-                for batch in shard.iter_batches(batch_size=_BATCH_ROWS, columns=_READ_COLUMNS):
+                columns = _READ_COLUMNS + [c for c in _SIDE_COLUMNS if c in names]
+                for batch in shard.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
                     frames.append(slim_batch(batch))
     if not frames:
         return pd.DataFrame({col: pd.Series(dtype=dtype) for col, dtype in _SLIM_DTYPES.items()})
@@ -181,12 +187,22 @@ def scan_pairs(store: Storage, prefix: str, shards: list[str], max_pixels: int |
 def slim_batch(batch: pa.RecordBatch) -> pd.DataFrame:
     images = batch.column("image").to_pylist()
     digests = batch.column("image_sha256").to_pylist()
+    names = batch.schema.names
+    sides = {c: batch.column(c).to_pylist() if c in names else [None] * batch.num_rows for c in _SIDE_COLUMNS}
+    interleaved = [q is not None for q in sides["query_text"]]
     frame = batch.select(["id", "source", "width", "height"]).to_pandas()
     # A missing caption counts as 0 chars, so it fails a positive minimum instead of being skipped as null.
-    frame.insert(2, "caption_chars", pc.fill_null(pc.utf8_length(batch.column("caption")), 0).to_numpy())
-    frame["decodes"] = [image_decodes(data) for data in images]
+    texts = pc.if_else(pa.array(interleaved, pa.bool_()), pa.array(sides["target_text"], pa.string()),
+                       batch.column("caption"))
+    frame.insert(2, "caption_chars", pc.fill_null(pc.utf8_length(texts), 0).to_numpy())
+    side_images = list(zip(sides["query_image"], sides["target_image"], sides["negative_image"]))
+    frame["decodes"] = [
+        all(image_decodes(d) for d in own if d is not None) if mmeb else image_decodes(data)
+        for data, mmeb, own in zip(images, interleaved, side_images)
+    ]
     frame["image_sha256_ok"] = [
-        data is not None and hashlib.sha256(data).hexdigest() == digest for data, digest in zip(images, digests)
+        mmeb or (data is not None and hashlib.sha256(data).hexdigest() == digest)
+        for data, digest, mmeb in zip(images, digests, interleaved)
     ]
     return frame
 

@@ -20,6 +20,7 @@ from cafe_core.loss import IGNORE_INDEX
 from cafe_core.prompts import IM_END, IM_START, IMAGE_TOKEN
 
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
+BLANK_SIDE = 32  # pixels of the blank image a batch without images carries (InputBuilder.interleaved_pairs_batch)
 
 
 class InputError(ValueError):
@@ -38,6 +39,44 @@ def turn(role: str, content: str) -> str:
 def embedding_prompt(prompts: PromptConfig, user: str) -> str:
     """system + user turn + generation prompt + the configured suffix (the reference's <|im_end|>)."""
     return turn("system", prompts.system) + turn("user", user) + f"{IM_START}assistant\n" + prompts.assistant_suffix
+
+
+def blank_image() -> Image.Image:
+    """What a batch without images carries so that the vision tower still runs (its features weigh 0)."""
+    return Image.new("RGB", (BLANK_SIDE, BLANK_SIDE))
+
+
+def with_placeholder(text: str, has_image: bool) -> str:
+    """An interleaved input's text as the model reads it: an image without an <image> placeholder goes first."""
+    return f"{IMAGE_TOKEN}\n{text}" if has_image and IMAGE_TOKEN not in text else text
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of an interleaved pair: user text (with <image> where its image goes) and the image, if any."""
+
+    text: str
+    image: bytes | Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class InterleavedPair:
+    """A query, its target and optionally a hard negative (an extra candidate the query must not match)."""
+
+    query: Side
+    target: Side
+    negative: Side | None = None
+
+
+def interleaved_pair(row: dict, pair_query: str) -> InterleavedPair:
+    """A converted pair (a row of `cafe convert`'s shards) as interleaved training reads it: an MMEB-train
+    pair's own sides, or an image-caption pair's image with `pair_query` (train.prompts.pair_query) against
+    its caption."""
+    if row.get("query_text") is None:
+        return InterleavedPair(Side(pair_query, row["image"]), Side(row["caption"]))
+    negative = None if row.get("negative_text") is None else Side(row["negative_text"], row["negative_image"])
+    return InterleavedPair(Side(row["query_text"], row["query_image"]), Side(row["target_text"], row["target_image"]),
+                           negative)
 
 
 @dataclass
@@ -65,7 +104,9 @@ class Batch:
     left to right); `image_rows_for[k]` is the image (index into pixel_values) of the k-th block.
     `attention_4d` is set when rows pack several segments (block-causal); otherwise the 2-D mask holds.
     `groups` = (first row, end row, width): row groups the LLM reads in separate passes, each only as wide
-    as its longest row (so short rows are not padded to the longest of the batch; attention is quadratic)."""
+    as its longest row (so short rows are not padded to the longest of the batch; attention is quadratic).
+    `negative_of[k]` is the pair of the k-th hard negative (pool "n"); None: the batch has no negatives slot.
+    `pixel_values` with no `image_rows_for` is a blank image that only keeps the vision tower in the step."""
 
     input_ids: Tensor
     attention_mask: Tensor
@@ -77,6 +118,7 @@ class Batch:
     image_sizes: Tensor | None = None
     image_rows_for: list[int] = field(default_factory=list)
     groups: list[tuple[int, int, int]] = field(default_factory=list)
+    negative_of: list[int] | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         def move(t):
@@ -88,7 +130,7 @@ class Batch:
             pool={k: (move(r), move(c)) for k, (r, c) in self.pool.items()},
             targets=move(self.targets), attention_4d=move(self.attention_4d),
             pixel_values=move(self.pixel_values), image_sizes=move(self.image_sizes),
-            image_rows_for=self.image_rows_for, groups=self.groups,
+            image_rows_for=self.image_rows_for, groups=self.groups, negative_of=self.negative_of,
         )
 
     def num_tokens(self) -> int:
@@ -251,7 +293,11 @@ class InputBuilder:
         Each image is processed once. The image prompt begins with the same tokens as the conversation
         (the system turn and the user turn's opening image, the LLaVA convention) and reuses their hidden
         states: only its remaining tokens are added, attending to that shared prefix, so the LLM reads each
-        image's tokens once. The result is exactly that of separate forwards."""
+        image's tokens once. The result is exactly that of separate forwards. mode="interleaved": the pairs as
+        interleaved_pairs_batch reads them (image_caption_pair)."""
+        if mode == "interleaved":
+            pairs = [self.image_caption_pair(image, caption) for image, caption in zip(images, captions)]
+            return self.interleaved_pairs_batch(pairs, conversations, ids)
         pixel_values, image_sizes, counts = self.images(images)
         names = list(ids) or [str(i) for i in range(len(images))]
         rows: list[list[Segment]] = []
@@ -267,6 +313,56 @@ class InputBuilder:
         image_rows = [i for i, row in enumerate(rows) for seg in row if self.image_token_id in seg.seq.ids]
         return self.pack(rows + text_rows, groups=[len(rows), len(text_rows)], pixel_values=pixel_values,
                          image_sizes=image_sizes, image_rows_for=image_rows)
+
+    def image_caption_pair(self, image: bytes | Image.Image, caption: str) -> InterleavedPair:
+        """An image-caption pair as interleaved mode reads it: the image with prompts.pair_query, the caption."""
+        return interleaved_pair({"image": image, "caption": caption}, self.prompts.pair_query)
+
+    def interleaved_pairs_batch(
+        self, pairs: Sequence[InterleavedPair], conversations: Sequence[Sequence[dict] | None] | None = None,
+        ids: Sequence[str] = (), negatives: bool = False,
+    ) -> Batch:
+        """A training batch of B interleaved pairs (train.loss.mode=interleaved): B query rows (packed after
+        the pair's LM conversation when it has one, reusing its prefix as pairs_batch does; the conversation's
+        image is the query's), then one row group of the B targets and, with `negatives`, one row per hard
+        negative (pool "n", `negative_of` naming its pair; every batch of such a run carries the slot, even
+        empty, so that all ranks gather alike). Each side reads its own text and image through
+        prompts.interleaved; every image is processed once. A batch without any image carries one blank image
+        that the model reads and weighs 0, so the vision tower runs on every rank (ZeRO-3 gathers in step)."""
+        n = len(pairs)
+        names = list(ids) or [str(i) for i in range(n)]
+        negative_of = [i for i, p in enumerate(pairs) if p.negative is not None] if negatives else None
+        sides = [p.query for p in pairs] + [p.target for p in pairs] + [pairs[i].negative for i in negative_of or []]
+        with_image = [s.image for s in sides if s.image is not None]
+        pixel_values, image_sizes, counts = self.images(with_image or [blank_image()])
+        image_of: list[int | None] = []  # the image (index into pixel_values) of each side
+        seqs: list[TokenSeq] = []
+        for s in sides:
+            k = None if s.image is None else len(image_of) - image_of.count(None)
+            image_of.append(k)
+            text = with_placeholder(s.text, k is not None)
+            seqs.append(self.prompt(self.prompts.interleaved, text, image_tokens=[] if k is None else [counts[k]]))
+        rows: list[list[Segment]] = []
+        for i in range(n):
+            conv = None if conversations is None else conversations[i]
+            if conv is None:
+                rows.append([Segment(seqs[i], pool="a")])
+                continue
+            if image_of[i] is None:
+                raise InputError(f"record {names[i]!r}: its conversation needs an image on the query side")
+            full = self.conversation(conv, counts[image_of[i]], names[i])
+            rows.append([Segment(full), self.after_shared(full, seqs[i], "a")])
+        rows += [[Segment(seq, pool="b" if j < 2 * n else "n")] for j, seq in enumerate(seqs[n:], start=n)]
+        # Rows are in side order: each image block of row j is side j's image.
+        image_rows = [image_of[j] for j, row in enumerate(rows) for seg in row
+                      for _ in range(self.image_blocks(seg.seq.ids))]
+        return self.pack(rows, groups=[n, len(rows) - n], pixel_values=pixel_values, image_sizes=image_sizes,
+                         image_rows_for=image_rows if with_image else [], negative_of=negative_of)
+
+    def image_blocks(self, ids: Sequence[int]) -> int:
+        """How many runs of image tokens `ids` holds."""
+        image = self.image_token_id
+        return sum(t == image and (j == 0 or ids[j - 1] != image) for j, t in enumerate(ids))
 
     def pair_prompts(self, image_tokens: int, caption: str, mode: str) -> tuple[TokenSeq, TokenSeq]:
         """The two sides of a pair: "Compress" prompts (pairs mode) or MMEB-style inputs (interleaved)."""
@@ -295,17 +391,21 @@ class InputBuilder:
     def texts_batch(self, texts: Sequence[str], mode: str = "pairs") -> Batch:
         return self.pack([[Segment(self.pair_prompts(0, t, mode)[1], pool="a")] for t in texts])
 
-    def interleaved_batch(self, items: Sequence[tuple[str, bytes | Image.Image | None]]) -> Batch:
-        """MMEB-style inputs: the user text (with <image> where it has an image) as the prompt itself."""
+    def interleaved_batch(
+        self, items: Sequence[tuple[str, bytes | Image.Image | None]], always_vision: bool = False
+    ) -> Batch:
+        """MMEB-style inputs: the user text (with <image> where it has an image) as the prompt itself.
+        `always_vision`: items without any image carry a blank image (see interleaved_pairs_batch)."""
         with_image = [img for _, img in items if img is not None]
         pixel_values = image_sizes = None
         counts: list[int] = []
         if with_image:
             pixel_values, image_sizes, counts = self.images(with_image)
+        elif always_vision:
+            pixel_values, image_sizes, _ = self.images([blank_image()])
         seqs, rows, k = [], [], 0
         for text, img in items:
-            if img is not None and IMAGE_TOKEN not in text:
-                text = f"{IMAGE_TOKEN}\n{text}"
+            text = with_placeholder(text, img is not None)
             n = [counts[k]] if img is not None else []
             seqs.append([Segment(self.prompt(self.prompts.interleaved, text, image_tokens=n), pool="a")])
             if img is not None:

@@ -48,7 +48,12 @@ class CafeModel(nn.Module):
 
     def hidden_states(self, batch: Batch) -> Tensor:
         embeds = self.hf.get_input_embeddings()(batch.input_ids)
-        if batch.image_rows_for:
+        if batch.pixel_values is not None and not batch.image_rows_for:
+            # A blank image (a batch without images): read and weighed 0, so that the vision tower runs, and
+            # takes part in the backward, on every rank whatever its batch holds.
+            per_image = self.hf.get_image_features(batch.pixel_values, batch.image_sizes).pooler_output
+            embeds = embeds + 0.0 * sum(f.sum() for f in per_image).to(embeds.dtype)
+        elif batch.image_rows_for:
             per_image = self.hf.get_image_features(batch.pixel_values, batch.image_sizes).pooler_output
             features = torch.cat([per_image[i] for i in batch.image_rows_for]).to(embeds.dtype)
             placeholders = batch.input_ids == self.image_token_id
@@ -74,6 +79,20 @@ class CafeModel(nn.Module):
         rows, cols = batch.pool[name]
         return F.normalize(hidden[rows, cols].float(), dim=-1)
 
+    def negatives(self, hidden: Tensor, batch: Batch, a: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Each pair's hard-negative embedding (zeros where it has none) and which pairs have one; None when
+        the batch has no negatives slot. Built on `a` (times 0) so that it is in the graph on every rank,
+        even one whose batch has no negative: the loss gathers it, and a gather's backward is a collective."""
+        if batch.negative_of is None:
+            return None
+        rows = torch.tensor(batch.negative_of, dtype=torch.long, device=a.device)
+        mask = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
+        mask[rows] = True
+        slots = a * 0.0
+        if batch.negative_of:
+            slots = slots.index_copy(0, rows, self.embeddings(hidden, batch, "n").to(slots.dtype))
+        return slots, mask
+
     @staticmethod
     def lm_target_count(batch: Batch) -> int:
         """Next-token targets in the batch (what lm_logits scores)."""
@@ -88,14 +107,20 @@ class CafeModel(nn.Module):
     def forward(self, batch: Batch, mode: str = "train", step_tokens: Tensor | None = None, micro_steps: int = 1,
                 cached: CachedContrastive | None = None) -> dict[str, Tensor] | Tensor:
         """mode "train": the joint loss of a pairs batch as {loss, loss_lm, loss_con} (see JointLoss for
-        step_tokens, micro_steps and cached). mode "pairs": the pair embeddings {a, b} only. mode "embed":
-        the embeddings of group "a"."""
+        step_tokens, micro_steps and cached). mode "pairs": the pair embeddings {a, b} only, with the hard
+        negatives {n, n_mask} when the batch has their slot. mode "embed": the embeddings of group "a"."""
         hidden = self.hidden_states(batch)
         if mode == "embed":
             return self.embeddings(hidden, batch, "a")
         if mode == "pairs":
-            return {"a": self.embeddings(hidden, batch, "a"), "b": self.embeddings(hidden, batch, "b")}
+            out = {"a": self.embeddings(hidden, batch, "a"), "b": self.embeddings(hidden, batch, "b")}
+            negatives = self.negatives(hidden, batch, out["a"])
+            if negatives is not None:
+                out["n"], out["n_mask"] = negatives
+            return out
         logits, targets = self.lm_logits(hidden, batch) if self.loss.uses_lm else (None, None)
         a = self.embeddings(hidden, batch, "a") if self.loss.uses_con else None
         b = self.embeddings(hidden, batch, "b") if self.loss.uses_con else None
-        return self.loss(logits, targets, a, b, step_tokens, micro_steps, cached).as_dict()
+        n, n_mask = (self.negatives(hidden, batch, a) if a is not None else None) or (None, None)
+        parts = self.loss(logits, targets, a, b, step_tokens, micro_steps, cached, negatives=n, negative_mask=n_mask)
+        return parts.as_dict()

@@ -19,12 +19,15 @@ import pyarrow.parquet as pq
 
 from cafe_core.cache import NodeCache
 from cafe_core.commit import read_manifest
-from cafe_core.data.records import SHARD_ROWS, SOURCE_RUNS, source_of
+from cafe_core.data.records import INTERLEAVED_ROWS, NEGATIVE_ROWS, SHARD_ROWS, SOURCE_RUNS, source_of
 from cafe_core.errors import BadInput
 from cafe_core.storage import Storage
 from cafe_core.uris import join
 
 COLUMNS = ["id", "image", "caption", "conversations"]
+# Pair schema 2 (cafe_core.data.records.PAIR_SCHEMA_VERSION): an interleaved pair's sides. Shards written
+# before them lack these columns; their rows read them as null.
+SIDE_COLUMNS = ["query_text", "query_image", "target_text", "target_image", "negative_text", "negative_image"]
 ROW_GROUP_CACHE = 8
 
 
@@ -100,6 +103,9 @@ class PairShards:
         self._shard_starts = np.cumsum([0] + self._rows)
         self.n_rows = int(self._shard_starts[-1])
         self._source_runs = manifest.meta.get(SOURCE_RUNS)
+        # MMEB-train pairs (own query and target sides) and pairs with a hard negative; 0 in older datasets.
+        self.interleaved_rows = int(manifest.meta.get(INTERLEAVED_ROWS, 0))
+        self.negative_rows = int(manifest.meta.get(NEGATIVE_ROWS, 0))
         self._meta: dict[int, tuple[pq.FileMetaData, np.ndarray]] = {}  # shard -> footer, row-group starts
         self._cache: OrderedDict[tuple[int, int], list[dict]] = OrderedDict()
 
@@ -147,7 +153,10 @@ class PairShards:
             self._cache.move_to_end(key)
         else:
             with self._use(fi) as path:
-                self._cache[key] = pq.ParquetFile(path).read_row_group(gi, columns=COLUMNS).to_pylist()
+                shard = pq.ParquetFile(path)
+                columns = [c for c in COLUMNS + SIDE_COLUMNS if c in shard.schema_arrow.names]
+                rows = shard.read_row_group(gi, columns=columns).to_pylist()
+            self._cache[key] = [{**dict.fromkeys(SIDE_COLUMNS), **row} for row in rows]
             if len(self._cache) > ROW_GROUP_CACHE:
                 self._cache.popitem(last=False)
         return self._cache[key]

@@ -1,4 +1,5 @@
-"""Held-out in-batch retrieval during training: image->text top-1 over a fixed set, so that learning is
+"""Held-out in-batch retrieval during training: image->text top-1 over a fixed set (query->target for
+MMEB-train pairs, which interleaved mode reads with their own sides), so that learning is
 visible while the run goes (chance is 1/N). Every rank embeds an equal share (ZeRO-3 needs the same calls
 on every rank); embeddings are gathered and scored once. `split_pairs` chooses which converted pairs are
 held out (drawn from every source)."""
@@ -16,12 +17,14 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from cafe_core.config import PromptConfig
 from cafe_core.data.records import source_of
-from cafe_core.model.inputs import InputBuilder
+from cafe_core.model.inputs import InputBuilder, InterleavedPair, interleaved_pair
 from cafe_core.storage import Storage
 from cafe_core.train.data import DataError
 
 EMBED_BATCH = 16
+DEFAULT_PAIR_QUERY = PromptConfig.model_fields["pair_query"].default
 
 
 class HeldoutError(DataError):
@@ -30,8 +33,12 @@ class HeldoutError(DataError):
 
 @dataclass
 class Heldout:
-    images: list[bytes]
-    captions: list[str]
+    images: list[bytes | None]
+    captions: list[str | None]
+    # Set when some held-out pairs are MMEB-train pairs: what interleaved mode scores, each pair's query
+    # against its target (image + pair_query against the caption for image-caption pairs). None: images
+    # against captions.
+    pairs: list[InterleavedPair] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -82,8 +89,12 @@ def split_by_source(sources: Sequence[str], n: int, seed: int) -> tuple[np.ndarr
     return np.flatnonzero(train).astype(np.int64), held_idx.astype(np.int64)
 
 
-def from_pairs(rows: list[dict]) -> Heldout:
-    return Heldout([r["image"] for r in rows], [r["caption"] for r in rows])
+def from_pairs(rows: list[dict], pair_query: str = DEFAULT_PAIR_QUERY) -> Heldout:
+    """Held-out converted pairs; `pair_query` (train.prompts.pair_query) is the query text of image-caption
+    pairs among MMEB-train ones."""
+    mmeb = any(r.get("query_text") is not None for r in rows)
+    return Heldout([r["image"] for r in rows], [r["caption"] for r in rows],
+                   [interleaved_pair(r, pair_query) for r in rows] if mmeb else None)
 
 
 def load(store: Storage, uri: str, size: int) -> Heldout:
@@ -126,8 +137,16 @@ def i2t_top1(engine, builder: InputBuilder, heldout: Heldout, device, rank: int,
     chunks = [idx[i : i + EMBED_BATCH] for i in range(0, share, EMBED_BATCH)]
     engine.eval()
     try:
-        img = _embed(engine, (builder.images_batch([heldout.images[i] for i in c], mode) for c in chunks), device)
-        txt = _embed(engine, (builder.texts_batch([heldout.captions[i] for i in c], mode) for c in chunks), device)
+        if mode == "interleaved" and heldout.pairs is not None:
+            def sides(which: str):  # every rank runs the vision tower on each chunk (ZeRO-3 gathers in step)
+                for c in chunks:
+                    picked = [getattr(heldout.pairs[i], which) for i in c]
+                    yield builder.interleaved_batch([(s.text, s.image) for s in picked], always_vision=True)
+
+            img, txt = _embed(engine, sides("query"), device), _embed(engine, sides("target"), device)
+        else:
+            img = _embed(engine, (builder.images_batch([heldout.images[i] for i in c], mode) for c in chunks), device)
+            txt = _embed(engine, (builder.texts_batch([heldout.captions[i] for i in c], mode) for c in chunks), device)
     finally:
         engine.train()
     img, txt = _gather(img, world)[:n], _gather(txt, world)[:n]

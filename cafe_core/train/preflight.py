@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from cafe_core.commit import read_manifest
-from cafe_core.config import CafeConfig, ConfigError
+from cafe_core.config import CafeConfig, ConfigError, TrainConfig
+from cafe_core.data.records import INTERLEAVED_ROWS, PAIR_SCHEMA, PAIR_SCHEMA_VERSION
 from cafe_core.storage import Storage
 from cafe_core.train.checkpoint import MODEL_DIGEST, WORLD_SIZE, ZERO_STAGE, Checkpoints
 from cafe_core.train.data import BatchPlan
@@ -29,6 +30,7 @@ def preflight(cfg: CafeConfig, store: Storage, world: int) -> str | None:
     store.check_reachable(t.data)
     BatchPlan(t.global_batch_size, t.grad_accum, world)
     manifest = read_manifest(store, t.data)  # the converted pairs exist and are committed
+    check_pairs_fit(t, manifest.meta)
     data_bytes = sum(e.size for e in manifest.entries if e.name.startswith("pairs/"))
     if data_bytes > t.cache.max_gb * 2**30:
         # Every epoch visits rows in a random order: a cache smaller than the data fetches a whole shard again
@@ -42,6 +44,22 @@ def preflight(cfg: CafeConfig, store: Storage, world: int) -> str | None:
         return None
     checkpoints.check_compatible(found[1], compatibility(cfg, world))
     return found[0]
+
+
+def check_pairs_fit(t: TrainConfig, meta: dict[str, Any]) -> None:
+    """The converted pairs' layout is one this code reads, and the loss can use every pair: MMEB-train pairs
+    (their own query and target, no conversation) train in interleaved mode and without the LM loss."""
+    version = meta.get(PAIR_SCHEMA, 1)
+    if not isinstance(version, int) or version > PAIR_SCHEMA_VERSION:
+        raise ConfigError(f"{t.data} holds pairs of schema {version!r}, newer than this code reads "
+                          f"({PAIR_SCHEMA_VERSION}); train with the cafe version that converted them")
+    interleaved = meta.get(INTERLEAVED_ROWS, 0)
+    if interleaved and t.loss.mode != "interleaved":
+        raise ConfigError(f"{t.data} holds {interleaved} MMEB-train pairs (their own query and target texts and "
+                          "images), which only interleaved inputs can read: set train.loss.mode=interleaved")
+    if interleaved and t.loss.a_lm > 0:
+        raise ConfigError(f"{t.data} holds {interleaved} MMEB-train pairs, which have no conversation for the LM "
+                          "loss: set train.loss.a_lm=0 (VLM2Vec trains with the contrastive loss alone)")
 
 
 def compatibility(cfg: CafeConfig, world: int) -> dict[str, Any]:

@@ -69,16 +69,21 @@ class OptimizerStep:
         sizes = [p["a"].shape[0] for p in pairs]
         a = torch.cat([p["a"] for p in pairs]).float().requires_grad_()
         b = torch.cat([p["b"] for p in pairs]).float().requires_grad_()
+        # Hard negatives: every batch of the run has their slot or none has (InputBuilder.interleaved_pairs_batch).
+        n = torch.cat([p["n"] for p in pairs]).float().requires_grad_() if "n" in pairs[0] else None
+        n_mask = torch.cat([p["n_mask"] for p in pairs]) if n is not None else None
         learnable = self.loss.infonce.log_scale.requires_grad
         log_scale = self.log_scale().detach().clone().float().to(self.device).requires_grad_(learnable)
+        wrt = [a, b] + ([n] if n is not None else []) + ([log_scale] if learnable else [])
         with torch.enable_grad():
-            loss = info_nce(a, b, self.loss.infonce.logit_scale(log_scale))
+            loss = info_nce(a, b, self.loss.infonce.logit_scale(log_scale), n, n_mask)
             # The gather's backward sums every rank's gradient for these rows: the gradient of the sum of
             # the ranks' losses, which the engine's averaging over ranks turns into the mean's.
-            grads = torch.autograd.grad(loss, [a, b, log_scale] if learnable else [a, b])
+            grads = torch.autograd.grad(loss, wrt)
         grad_a, grad_b = grads[0].split(sizes), grads[1].split(sizes)
-        grad_scale = grads[2] if learnable else None
+        grad_n = grads[2].split(sizes) if n is not None else [None] * len(sizes)
+        grad_scale = grads[-1] if learnable else None
         return [
-            CachedContrastive(loss.detach(), ga, gb, grad_scale if m == 0 else None, len(batches))
-            for m, (ga, gb) in enumerate(zip(grad_a, grad_b))
+            CachedContrastive(loss.detach(), ga, gb, grad_scale if m == 0 else None, len(batches), gn)
+            for m, (ga, gb, gn) in enumerate(zip(grad_a, grad_b, grad_n))
         ]

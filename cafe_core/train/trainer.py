@@ -39,7 +39,7 @@ from cafe_core.commit import OutputWriter
 from cafe_core.config import CafeConfig, ConfigError
 from cafe_core.loss import JointLoss
 from cafe_core.model.build import build, save
-from cafe_core.model.inputs import InputBuilder
+from cafe_core.model.inputs import InputBuilder, interleaved_pair
 from cafe_core.model.joint import CafeModel
 from cafe_core.storage import Storage
 from cafe_core.train import heldout as heldout_eval
@@ -125,10 +125,13 @@ class Trainer:
                                 "for held-out accuracy; lower it or set train.heldout=null")
             # Drawn from every source, never trained on; the batch order runs over the rest.
             self.train_rows, held = heldout_eval.split_by_source(self.shards.sources(), self.t.heldout_size, self.t.seed)
-            self.heldout = heldout_eval.from_pairs(self.shards.rows(held))
+            self.heldout = heldout_eval.from_pairs(self.shards.rows(held), self.t.prompts.pair_query)
         elif self.t.heldout:
             self.heldout = heldout_eval.load(self.store, self.t.heldout, self.t.heldout_size)
         self.order = BatchOrder(len(self.train_rows), self.t.global_batch_size, self.t.seed)
+        # Decided for the whole run from the manifest, so every rank's batches carry the negatives slot alike.
+        loss = self.t.loss
+        self.negatives = loss.mode == "interleaved" and loss.hard_negatives and self.shards.negative_rows > 0
         self.total_steps = self.order.total_steps(self.t.epochs, self.t.max_steps)
 
     def _setup_model(self) -> None:
@@ -258,11 +261,12 @@ class Trainer:
 
     def _build_batch(self, builder: InputBuilder, step: int, micro: int):
         rows = self.shards.rows(self.train_rows[self.plan.rows(self.order.batch(step), micro, self.rank)])
-        batch = builder.pairs_batch(
-            [r["image"] for r in rows], [r["caption"] for r in rows],
-            [r["conversations"] for r in rows] if self.model.loss.uses_lm else None,
-            [r["id"] for r in rows], mode=self.t.loss.mode,
-        )
+        conversations = [r["conversations"] for r in rows] if self.model.loss.uses_lm else None
+        ids = [r["id"] for r in rows]
+        if self.t.loss.mode == "interleaved":
+            pairs = [interleaved_pair(r, self.t.prompts.pair_query) for r in rows]
+            return len(rows), builder.interleaved_pairs_batch(pairs, conversations, ids, negatives=self.negatives)
+        batch = builder.pairs_batch([r["image"] for r in rows], [r["caption"] for r in rows], conversations, ids)
         return len(rows), batch
 
     def _log_scale(self) -> torch.Tensor:
