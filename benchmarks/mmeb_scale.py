@@ -144,12 +144,14 @@ def child(folder: Path, work: Path, threads: int) -> dict:
     start = time.perf_counter()
     result = export_module.export(cfg, store, progress=False)
     exported = time.perf_counter() - start
+    export_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     out = evaluate(cfg, store, families=["mmeb"], progress=False).uri
     evaluated = time.perf_counter() - start
     metrics = json.loads((Path(out) / "metrics.json").read_text())["metrics"]
     return {"forwards": forwards, "items": result.items, "slots": result.slots, "export_s": exported,
             "evaluate_s": evaluated, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "export_peak_rss_mb": export_peak,
             "p@1": metrics["mmeb/overall/p@1"]}
 
 
@@ -183,7 +185,8 @@ def main() -> None:
                   f"{written:.0f} s)")
             print(f"    forwards {run['forwards']:>8,} (= distinct: {run['forwards'] == distinct}; "
                   f"{slots / max(run['forwards'], 1):.0f}x fewer than slots)  export {run['export_s']:.0f} s, "
-                  f"evaluate {run['evaluate_s']:.0f} s, peak RSS {run['peak_rss_mb']:.0f} MB, p@1 {run['p@1']:.3f}")
+                  f"evaluate {run['evaluate_s']:.0f} s, peak RSS {run['peak_rss_mb']:.0f} MB (export "
+                  f"{run['export_peak_rss_mb']:.0f} MB), p@1 {run['p@1']:.3f}")
     if len(runs) >= 2:
         lo, hi = min(runs), max(runs)
         ratio = runs[hi]["peak_rss_mb"] / runs[lo]["peak_rss_mb"]

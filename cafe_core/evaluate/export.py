@@ -154,6 +154,7 @@ def iter_items(cfg: CafeConfig, store: Storage, plan: ExportPlan | None = None) 
             for key in new:
                 text, image = layout.items[key]
                 yield Item(key, "interleaved", "mmeb", text=text, image=image)
+            del ds, layout, new  # before the next dataset is read: one in memory at a time
 
 
 # --- embedding ---------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ def _mmeb(ctx: Context) -> FamilyResult:
                     for r, (h, s) in enumerate(zip(hits.tolist(), strict_hits.tolist()))]
         rows.append([ds.name, ds.meta_task, ds.split, len(ds.rows), len(layout.items), per_dataset[ds.name],
                      strict[ds.name]])
+        del ds, layout  # before the next dataset is read: one in memory at a time
     metrics = {**mmeb.mmeb_summary(per_dataset, info), **mmeb.mmeb_summary(strict, info, "p@1_strict")}
     return FamilyResult(metrics, results, {}, [
         ("MMEB-style retrieval (P@1)", ["dataset", "meta-task", "split", "rows", "distinct items", "p@1", "p@1_strict"],

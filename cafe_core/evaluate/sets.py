@@ -304,12 +304,17 @@ def iter_mmeb(store: Storage, uri: str, max_items: int | None = None) -> Iterato
 def _mmeb_dataset(store: Storage, base: str, known: set[str], files: list[str], name: str, meta_task: str, split: str,
                   limit: int | None) -> MmebDataset:
     images: dict[str, bytes] = {}  # shared by the dataset's rows: one read (and one bytes object) per image
+    # One object per distinct candidate: MMEB repeats each of a dataset's candidates in up to ~1,000 rows, and
+    # a million copies of their strings would be most of the memory evaluation needs.
+    pool: dict[tuple[str, bytes | None], tuple[str, bytes | None]] = {}
     rows: list[MmebRow] = []
     for file in files:
         remaining = None if limit is None else limit - len(rows)
         for row, rec in _parquet_rows(store, file, ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path"),
                                       (), remaining):
-            rows.append(_mmeb_row(store, base, known, images, rec, f"{file} (dataset {name}) row {row}"))
+            parsed = _mmeb_row(store, base, known, images, rec, f"{file} (dataset {name}) row {row}")
+            parsed.candidates = [pool.setdefault(c, c) for c in parsed.candidates]
+            rows.append(parsed)
         if limit is not None and len(rows) >= limit:
             break
     return MmebDataset(name, meta_task, split, rows)
