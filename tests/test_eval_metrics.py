@@ -146,6 +146,169 @@ def test_retrieval_upcasts_low_precision():
     assert retrieval_ranks(img.bfloat16(), txt.bfloat16(), CAPTION_IMAGE).i2t.tolist() == [1, 2, 4]
 
 
+# Blockwise scoring: the ranks must not depend on the block shape.
+
+RANK_FIELDS = ("i2t", "t2i", "i2t_strict", "t2i_strict")
+BLOCK_SHAPES = [(1, 1), (3, 7), (7, 3), (2, 5), (5, 2), (4, 11), (1000, 1000)]
+
+
+def exact_rows(rng: np.random.Generator, n: int, dim: int = 6) -> np.ndarray:
+    """Rows with four entries of +-1, the rest 0: their unit rows (+-0.5) and every product of two are exact
+    in float32 whatever the summation order, so each score is the same in any block shape and ties stay."""
+    x = np.zeros((n, dim), dtype=np.float32)
+    for row in x:
+        row[rng.choice(dim, size=4, replace=False)] = rng.choice([-1.0, 1.0], size=4)
+    return x
+
+
+def retrieval_case(case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    cap = np.repeat(np.arange(9), [3, 1, 2, 4, 3, 1, 5, 2, 2])  # 9 images, 23 captions, in image order
+    if case == "random":
+        return rng.normal(size=(9, 8)), rng.normal(size=(23, 8)), cap
+    if case == "collapsed":  # every embedding equal: every score ties
+        return np.ones((9, 4), dtype=np.float32), np.ones((23, 4), dtype=np.float32), cap
+    if case == "duplicates":  # few distinct rows: duplicate images and captions, many exact ties
+        return exact_rows(rng, 3)[rng.integers(0, 3, size=9)], exact_rows(rng, 4)[rng.integers(0, 4, size=23)], cap
+    rng.shuffle(cap)  # captions not in image order
+    if case == "shuffled random":
+        return rng.normal(size=(9, 8)), rng.normal(size=(23, 8)), cap
+    return exact_rows(rng, 9), exact_rows(rng, 4)[rng.integers(0, 4, size=23)], cap  # "shuffled ties"
+
+
+@pytest.mark.parametrize("case", ["random", "collapsed", "duplicates", "shuffled random", "shuffled ties"])
+def test_retrieval_blockwise_equals_unblocked(case):
+    img, txt, cap = retrieval_case(case)
+    whole = retrieval_ranks(img, txt, cap)  # the default blocks hold everything: one product
+    if case != "random" and case != "shuffled random":
+        assert (whole.i2t_strict > whole.i2t).any() or (whole.t2i_strict > whole.t2i).any()  # the data has ties
+    for rows, cols in BLOCK_SHAPES:
+        got = retrieval_ranks(img, txt, cap, block_rows=rows, block_cols=cols)
+        for field in RANK_FIELDS:
+            assert getattr(got, field).tolist() == getattr(whole, field).tolist(), (rows, cols, field)
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (3, 7), (2, 5), (100, 100)])
+def test_retrieval_collapsed_model_by_hand_in_any_blocks(rows, cols):
+    # 9 images, 23 captions, all equal. Strict: the 23 - n_i wrong captions tie with image i's best -> rank
+    # 24 - n_i; every other image ties with a caption's own -> rank 9. Index order: image i ranks after the
+    # captions before its first one; caption j after the images before its own.
+    img, txt, cap = retrieval_case("collapsed")
+    ranks = retrieval_ranks(img, txt, cap, block_rows=rows, block_cols=cols)
+    first = np.searchsorted(cap, np.arange(9))
+    assert ranks.i2t_strict.tolist() == (24 - np.bincount(cap)).tolist() and ranks.t2i_strict.tolist() == [9] * 23
+    assert ranks.i2t.tolist() == (1 + first).tolist() and ranks.t2i.tolist() == (1 + cap).tolist()
+    got = retrieval_recall(img, txt, cap, ks=(1,), block_rows=rows, block_cols=cols)
+    assert (got["i2t_R@1_strict"], got["t2i_R@1_strict"], got["i2t_R@1"], got["t2i_R@1"]) == (0.0, 0.0, 1 / 9, 3 / 23)
+
+
+def ranks_from_scores(sim: np.ndarray, cap: np.ndarray) -> dict[str, list[int]]:
+    """The module docstring's rank formulas, applied row by row to a given score matrix."""
+    n_img, n_txt = sim.shape
+    own = sim[cap, np.arange(n_txt)]
+    out: dict[str, list[int]] = {field: [] for field in RANK_FIELDS}
+    for i in range(n_img):
+        positives, wrong = np.flatnonzero(cap == i), cap != i
+        best = own[positives].max()
+        first = positives[own[positives] == best].min()
+        tied = sim[i, wrong] == best
+        out["i2t"].append(1 + int((sim[i, wrong] > best).sum() + (tied & (np.flatnonzero(wrong) < first)).sum()))
+        out["i2t_strict"].append(1 + int((sim[i, wrong] > best).sum() + tied.sum()))
+    for j in range(n_txt):
+        other = np.arange(n_img) != cap[j]
+        tied = sim[other, j] == own[j]
+        out["t2i"].append(1 + int((sim[other, j] > own[j]).sum() + (tied & (np.flatnonzero(other) < cap[j])).sum()))
+        out["t2i_strict"].append(1 + int((sim[other, j] > own[j]).sum() + tied.sum()))
+    return out
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (3, 7), (4, 5), (100, 100)])
+def test_retrieval_reads_own_and_best_from_the_scores_it_compares(monkeypatch, rows, cols):
+    # Matrix kernels of other shapes (or devices) may round a dot product differently by an ulp. Simulate
+    # it: every product call moves random scores of a collapsed model one ulp up or down, differently per
+    # call. The ranks must be exactly those of the scores that were counted (each counted once), which holds
+    # only if each own score and best positive is read from those very elements, never recomputed.
+    from cafe_core.evaluate import retrieval as module
+
+    rng = torch.Generator().manual_seed(rows * 100 + cols)
+    real_mm = torch.mm
+
+    def rounding_mm(a, b, *, out):
+        real_mm(a, b, out=out)
+        step = torch.randint(-1, 2, out.shape, generator=rng).to(out.dtype)  # -1, 0 or +1 ulp
+        out.copy_(torch.where(step == 0, out, torch.nextafter(out, step * torch.inf)))
+        return out
+
+    img, txt, cap = retrieval_case("collapsed")
+    counted, times = np.full((9, 23), np.nan, dtype=np.float32), np.zeros((9, 23), dtype=int)
+    real_count = module._BlockCounter.count
+
+    def recording_count(self, scores, r0, c0):
+        block = (slice(r0, r0 + scores.shape[0]), slice(c0, c0 + scores.shape[1]))
+        counted[block], times[block] = scores.cpu().numpy(), times[block] + 1
+        return real_count(self, scores, r0, c0)
+
+    real_ranks, own = module._BlockCounter.ranks, {}
+
+    def recording_ranks(self):
+        own["read"] = self.own.cpu().numpy()
+        return real_ranks(self)
+
+    monkeypatch.setattr(torch, "mm", rounding_mm)
+    monkeypatch.setattr(module._BlockCounter, "count", recording_count)
+    monkeypatch.setattr(module._BlockCounter, "ranks", recording_ranks)
+    ranks = retrieval_ranks(img, txt, cap, block_rows=rows, block_cols=cols)
+    assert (times == 1).all()  # every score counted exactly once
+    own_pairs = (cap, np.arange(23))
+    assert np.isneginf(counted[own_pairs]).all() and np.isfinite(counted).sum() == 9 * 23 - 23  # set aside
+    counted[own_pairs] = own["read"]  # as read from the products before they were set aside
+    assert len(np.unique(counted)) == 3  # the simulated rounding took effect: 1 - ulp, 1, 1 + ulp
+    expected = ranks_from_scores(counted, cap)
+    for field in RANK_FIELDS:
+        assert getattr(ranks, field).tolist() == expected[field], field
+
+
+class CountingRows:
+    """A lazily loaded view of embeddings: only len() and row slices, counting the rows it serves."""
+
+    def __init__(self, x: np.ndarray):
+        self.x, self.served, self.largest = x, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        assert isinstance(rows, slice) and rows.step is None, rows
+        out = self.x[rows]
+        self.served += len(out)
+        self.largest = max(self.largest, len(out))
+        return out
+
+
+def test_retrieval_reads_a_lazy_view_block_by_block():
+    for case in ("random", "shuffled ties"):
+        img, txt, cap = retrieval_case(case)
+        whole = retrieval_ranks(img, txt, cap)
+        images, texts = CountingRows(img), CountingRows(txt)
+        got = retrieval_ranks(images, texts, cap, block_rows=4, block_cols=6)
+        for field in RANK_FIELDS:
+            assert getattr(got, field).tolist() == getattr(whole, field).tolist(), (case, field)
+        assert images.largest <= 4 and texts.largest <= 6  # no request beyond one block
+        assert images.served >= len(img) and texts.served >= len(txt)  # every row was read
+
+
+def test_retrieval_blockwise_rejects_bad_blocks_and_late_bad_rows():
+    img, txt, cap = retrieval_case("random")
+    with pytest.raises(ValueError, match="block_rows"):
+        retrieval_ranks(img, txt, cap, block_rows=0)
+    bad = img.copy()
+    bad[-1, 0] = np.nan  # in the last block only: found when that block is read
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_ranks(bad, txt, cap, block_rows=2, block_cols=5)
+    with pytest.raises(ValueError, match="non-empty 2-D"):
+        retrieval_ranks(np.float32(1.0), txt, cap)
+
+
 # --- MMEB --------------------------------------------------------------------------------------------
 
 
