@@ -438,6 +438,9 @@ class EvaluateConfig(Strict):
     # the candidate embeddings one MMEB scoring block holds (16,384 x dim 3,584 x 4 bytes = 235 MB).
     embedding_cache_mb: int = Field(512, ge=1)
     block_slots: int = Field(16384, ge=1)
+    # Retrieval's score blocks: images x captions (16 MiB of float32 scores at the defaults), whatever the corpus.
+    block_rows: int = Field(1024, ge=1)
+    block_cols: int = Field(4096, ge=1)
 
 
 class GateRule(Strict):

@@ -241,3 +241,17 @@ def test_rank_0_commits_only_when_every_other_rank_s_shard_is_there(world, tmp_p
     done = export(alone, store, progress=False, ranks=export_module.Ranks(rank=0, world=2))
     assert done.reused_shards == (done.shards + 1) // 2
     verify_output(store, alone.export.output)
+
+
+def test_retrieval_and_gap_read_the_export_in_blocks_and_score_as_a_whole(world, tmp_path):
+    cfg, store = world
+    export(cfg, store, progress=False)
+    got = {}
+    for name, rows, cols in (("whole", 1024, 4096), ("blocks", 2, 7)):
+        c = cfg.model_copy(deep=True)
+        c.evaluate.output = str(tmp_path / name)
+        c.evaluate.block_rows, c.evaluate.block_cols = rows, cols
+        out = evaluate(c, store, families=["retrieval", "gap"], progress=False).uri
+        got[name] = store.read_json(f"{out}/metrics.json")["metrics"]
+        got[name + "/results"] = store.read_bytes(f"{out}/retrieval/results.jsonl")
+    assert got["blocks"] == got["whole"] and got["blocks/results"] == got["whole/results"]

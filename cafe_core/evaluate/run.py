@@ -87,9 +87,10 @@ def _retrieval(ctx: Context) -> FamilyResult:
     for name, uri in ctx.cfg.eval_sets.retrieval.items():
         rs = eval_sets.load_retrieval(ctx.store, uri, name, ctx.cfg.eval_sets.max_items)
         emb = ctx.embedded_set(f"retrieval/{name}", retrieval_identity(rs, uri, ctx.cfg.eval_sets.max_items), sets)
-        images = emb.get([f"retrieval/{name}/image/{i}" for i in range(len(rs.images))])
-        texts = emb.get([f"retrieval/{name}/text/{j}" for j in range(len(rs.captions))])
-        ranks = retrieval.retrieval_ranks(images, texts, rs.caption_image)
+        images = emb.rows([f"retrieval/{name}/image/{i}" for i in range(len(rs.images))])  # read block by block
+        texts = emb.rows([f"retrieval/{name}/text/{j}" for j in range(len(rs.captions))])
+        e = ctx.cfg.evaluate
+        ranks = retrieval.retrieval_ranks(images, texts, rs.caption_image, block_rows=e.block_rows, block_cols=e.block_cols)
         recall = retrieval.recall_at_k(ranks)
         metrics.update({f"retrieval/{name}/{k}": v for k, v in recall.items()})
         results += [{"set": name, "image_id": rs.image_ids[i], "i2t_rank": int(r), "i2t_rank_strict": int(s)}
