@@ -165,6 +165,7 @@ class _RowBlocks:
         self.count = math.ceil(self.n / size)
         self.dim: int | None = None
         self._last: tuple[int, torch.Tensor] | None = None
+        self._checked: set[int] = set()
 
     def start(self, k: int) -> int:
         return k * self.size
@@ -177,7 +178,10 @@ class _RowBlocks:
         t = torch.as_tensor(self.x[a:b])
         if self.device is not None:
             t = t.to(self.device)  # normalised where it is scored
-        t = unit_rows(t, self.name)  # an empty x fails here, on its first block
+        if k in self._checked:  # read before: checked then, only normalised now (the same values)
+            t = F.normalize(t.to(torch.float32), dim=-1)
+        else:
+            t = unit_rows(t, self.name)  # an empty x fails here, on its first block
         if t.shape[0] != b - a:
             raise ValueError(f"{self.name}[{a}:{b}] gave {t.shape[0]} rows, not {b - a}")
         if self.dim is None:
@@ -186,6 +190,7 @@ class _RowBlocks:
             raise ValueError(f"{self.name}[{a}:{b}] has dim {t.shape[1]}, its first rows {self.dim}")
         if self.device is None:
             self.device = t.device
+        self._checked.add(k)
         self._last = (k, t)
         return t
 
